@@ -1,0 +1,115 @@
+"""Typed configs: dataclasses filled from a YAML file and ``--field value`` command-line overrides.
+
+Every field of the dataclass is an accepted option and nothing else is; a wrong key or a value of the
+wrong type is a one-line error naming it and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from stepdistill.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Convert ``value`` (from YAML or a command-line string) to ``hint`` or raise ConfigError."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(name, value, args[0])
+    if origin is typing.Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"{name}={value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
+        return value
+    if origin in (list, tuple):
+        (item,) = typing.get_args(hint)[:1]
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(f"{name}={value!r} must be a list of {item.__name__}")
+        return [_coerce(name, v, item) for v in items]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{name}={value!r} must be true or false")
+    if hint in (int, float, str):
+        if hint is int and isinstance(value, float) and not value.is_integer():
+            raise ConfigError(f"{name}={value!r} must be an integer")
+        if hint in (int, float) and isinstance(value, bool):
+            raise ConfigError(f"{name}={value!r} must be a number, not a boolean")
+        try:
+            return hint(value) if hint is not int else int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}={value!r} must be of type {hint.__name__}") from None
+    return value
+
+
+def load_config(cls: type[T], config_path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> T:
+    """Build ``cls`` from an optional YAML file, then ``overrides`` on top; validates names and types."""
+    types_by_name = _field_types(cls)
+    values: dict[str, Any] = {}
+    if config_path is not None:
+        path = Path(config_path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of option: value")
+        values.update(loaded)
+    values.update(overrides or {})
+    unknown = sorted(set(values) - set(types_by_name))
+    if unknown:
+        raise ConfigError(f"unknown option {unknown[0]!r}; allowed options: {', '.join(sorted(types_by_name))}")
+    kwargs = {k: _coerce(k, v, types_by_name[k]) for k, v in values.items()}
+    config = cls(**kwargs)
+    validate = getattr(config, "validate", None)
+    if validate is not None:
+        validate()
+    return config
+
+
+def parse_cli(cls: type[T], argv: list[str] | None = None) -> T:
+    """Parse ``--config file.yaml --name value ...`` (also ``--name=value``) into ``cls``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_path, overrides = None, {}
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if not token.startswith("--"):
+            raise ConfigError(f"unexpected argument {token!r}; options look like --name value")
+        key, eq, val = token[2:].partition("=")
+        key = key.replace("-", "_")
+        if not eq:
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                val = "true"  # a bare flag such as --gradient_checkpointing
+            else:
+                i += 1
+                val = argv[i]
+        if key == "config":
+            config_path = val
+        else:
+            overrides[key] = val
+        i += 1
+    return load_config(cls, config_path, overrides)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain dict of a config dataclass, for logging and for writing next to outputs."""
+    return dataclasses.asdict(config)

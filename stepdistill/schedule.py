@@ -1,0 +1,63 @@
+"""Noise schedules as x_t = alpha(t) * x0 + sigma(t) * eps, for both DDPM-family and flow-matching models.
+
+Everything downstream (solvers, losses, trainers) only asks for alpha and sigma at a model timestep, so
+one DDIM-type update serves epsilon/v teachers and rectified-flow teachers alike.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import DDPMScheduler, SchedulerMixin
+
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "FlowMatchLCMScheduler")
+
+
+@dataclass
+class NoiseSchedule:
+    """Either a discrete variance-preserving table (``alphas_cumprod``) or rectified flow (alpha = 1 - sigma)."""
+
+    kind: str  # "vp" or "flow"
+    num_train_timesteps: int
+    alphas_cumprod: torch.Tensor | None = None  # vp only, float64 for exact conversions
+    final_alpha_cumprod: float = 1.0  # vp: alpha_cumprod used for "timestep -1" (diffusers' set_alpha_to_one)
+    shift: float = 1.0  # flow: the scheduler's timestep shift, used when building sampling grids
+
+    @classmethod
+    def from_scheduler(cls, scheduler: SchedulerMixin) -> NoiseSchedule:
+        """Read the schedule from any diffusers scheduler, reusing diffusers' own beta computations."""
+        config = scheduler.config
+        if type(scheduler).__name__ in FLOW_SCHEDULERS:
+            return cls("flow", config.num_train_timesteps, shift=float(config.get("shift", 1.0)))
+        ddpm = DDPMScheduler.from_config(config)
+        acp = ddpm.alphas_cumprod.double()
+        final = 1.0 if config.get("set_alpha_to_one", True) else float(acp[0])
+        return cls("vp", config.num_train_timesteps, acp, final)
+
+    def alpha_sigma(self, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha_t, sigma_t) as float32 tensors of the timesteps' shape; vp timestep -1 means clean."""
+        t = torch.as_tensor(timesteps)
+        if self.kind == "flow":
+            sigma = t.double() / self.num_train_timesteps
+            return (1 - sigma).float(), sigma.float()
+        index = t.long()
+        table = torch.cat([torch.tensor([self.final_alpha_cumprod], dtype=torch.float64), self.alphas_cumprod])
+        acp = table[(index + 1).clamp(0, self.num_train_timesteps).cpu()].to(t.device)
+        return acp.sqrt().float(), (1 - acp).sqrt().float()
+
+    def sigma(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """The scheduler's own noise level: sqrt((1 - acp) / acp) for vp (Euler/Karras sigma), t/T for flow."""
+        alpha, sigma = self.alpha_sigma(timesteps)
+        return sigma if self.kind == "flow" else sigma / alpha
+
+    def timestep(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`sigma`: continuous timesteps, log-sigma interpolation on the vp table."""
+        sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
+        if self.kind == "flow":
+            return (sigmas * self.num_train_timesteps).float()
+        table = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt().log()
+        log_s = sigmas.clamp_min(1e-12).log()
+        idx = torch.searchsorted(table, log_s).clamp(1, len(table) - 1)
+        lo, hi = table[idx - 1], table[idx]
+        frac = ((log_s - lo) / (hi - lo)).clamp(0, 1)
+        return (idx - 1 + frac).float()

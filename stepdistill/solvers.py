@@ -1,0 +1,106 @@
+"""ODE-solver schedules and steps as small pure functions.
+
+One update, ``ddim_step``, serves every method: x_next = alpha_next * x0 + sigma_next * eps (Song et al.
+2021, eq. 12 with eta = 0). For rectified flow (alpha = 1 - sigma) it is exactly the Euler step
+x + (sigma_next - sigma) * (eps - x0), so the same function drives flow teachers. Progressive distillation
+(PD) and LCM build their targets from it; the samplers below use it too.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from stepdistill.errors import ConfigError
+from stepdistill.schedule import NoiseSchedule
+from stepdistill.teacher import Prediction, _bcast
+
+SPACINGS = ("leading", "trailing", "linspace")
+
+
+def ddim_step(pred: Prediction, alpha_next: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+    """Deterministic DDIM update to the next noise level from a prediction at the current one."""
+    return _bcast(alpha_next, pred.x0) * pred.x0 + _bcast(sigma_next, pred.eps) * pred.eps
+
+
+def euler_flow_step(x: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+    """Euler step of the flow ODE dx/dsigma = v (what FlowMatchEulerDiscreteScheduler.step computes)."""
+    return x + _bcast(sigma_next - sigma, x) * velocity
+
+
+def ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000, spacing: str = "leading", steps_offset: int = 0) -> torch.Tensor:
+    """Descending integer timesteps of an N-step DDIM grid, as ``DDIMScheduler.set_timesteps`` builds them."""
+    if not 1 <= num_steps <= num_train_timesteps:
+        raise ConfigError(f"num_steps={num_steps} is out of range; allowed 1..{num_train_timesteps}")
+    if spacing == "leading":
+        ratio = num_train_timesteps // num_steps
+        steps = (np.arange(num_steps) * ratio).round()[::-1].astype(np.int64) + steps_offset
+    elif spacing == "trailing":
+        ratio = num_train_timesteps / num_steps
+        steps = np.round(np.arange(num_train_timesteps, 0, -ratio)).astype(np.int64) - 1
+    elif spacing == "linspace":
+        steps = np.linspace(0, num_train_timesteps - 1, num_steps).round()[::-1].astype(np.int64)
+    else:
+        raise ConfigError(f"timestep spacing {spacing!r} is not known; allowed: {', '.join(SPACINGS)}")
+    return torch.from_numpy(steps.copy())
+
+
+def ddim_prev_timestep(t: torch.Tensor, num_steps: int, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """DDIMScheduler's previous timestep t - T // N (negative means 'clean', see NoiseSchedule.alpha_sigma)."""
+    return t - num_train_timesteps // num_steps
+
+
+def lcm_skip_timesteps(num_ddim_timesteps: int, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """LCM's skipping-step solver grid, ascending: k-1, 2k-1, ..., T-1 with k = T // N (Luo et al. 2023, sec. 4.3)."""
+    if not 1 <= num_ddim_timesteps <= num_train_timesteps:
+        raise ConfigError(f"num_ddim_timesteps={num_ddim_timesteps} is out of range; allowed 1..{num_train_timesteps}")
+    k = num_train_timesteps // num_ddim_timesteps
+    return torch.arange(1, num_ddim_timesteps + 1) * k - 1
+
+
+def _shift(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3's timestep shift (Esser et al. 2024, eq. 23)."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def flow_sigmas(num_steps: int, shift: float = 1.0, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """Descending sigmas of an N-step flow Euler grid plus a final 0, exactly as
+    ``FlowMatchEulerDiscreteScheduler.set_timesteps`` builds them (it spaces linearly down to the
+    *shifted* training minimum, then shifts again)."""
+    if num_steps < 1:
+        raise ConfigError(f"num_steps={num_steps} is out of range; allowed 1 or more")
+    sigma_min = float(_shift(torch.tensor(1.0 / num_train_timesteps, dtype=torch.float64), shift))
+    sigmas = _shift(torch.linspace(1.0, sigma_min, num_steps, dtype=torch.float64), shift)
+    return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)]).float()
+
+
+def sampling_grid(schedule: NoiseSchedule, num_steps: int, spacing: str = "trailing", steps_offset: int = 0) -> torch.Tensor:
+    """Model timesteps t_0 > ... > t_{N-1} followed by the end point (vp: -1 for clean, flow: 0).
+
+    Trailing spacing starts at the last training timestep, which few-step samplers need (Lin et al. 2024).
+    """
+    if schedule.kind == "flow":
+        return flow_sigmas(num_steps, schedule.shift, schedule.num_train_timesteps) * schedule.num_train_timesteps
+    steps = ddim_timesteps(num_steps, schedule.num_train_timesteps, spacing, steps_offset)
+    return torch.cat([steps, torch.tensor([-1])]).float()
+
+
+def halving_pairs(student_steps: int, schedule: NoiseSchedule, spacing: str = "trailing") -> tuple[torch.Tensor, torch.Tensor]:
+    """Progressive distillation grids (Salimans & Ho 2022, alg. 2): the student's N-step grid and the
+    teacher's 2N-step grid, so that student step i spans teacher steps 2i and 2i+1."""
+    student = sampling_grid(schedule, student_steps, spacing)
+    teacher = sampling_grid(schedule, 2 * student_steps, spacing)
+    return student, teacher
+
+
+Denoise = Callable[[torch.Tensor, torch.Tensor], Prediction]
+
+
+def sample_ddim(denoise: Denoise, x: torch.Tensor, grid: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
+    """Run the deterministic solver along ``grid`` (from :func:`sampling_grid`); returns the final x."""
+    for t, t_next in zip(grid[:-1], grid[1:]):
+        pred = denoise(x, t)
+        alpha_next, sigma_next = schedule.alpha_sigma(t_next)
+        x = ddim_step(pred, alpha_next.to(x.device), sigma_next.to(x.device))
+    return x

@@ -1,0 +1,243 @@
+"""The one teacher wrapper every solver, loss, trainer and discriminator talks to.
+
+It hides four differences between diffusers pipelines: the network (UNet or DiT transformer), what the
+network predicts (epsilon, v, sample or flow velocity), how timesteps map to noise levels, and how prompts
+become embeddings. Outputs are always returned as a :class:`Prediction` holding x0 and eps, from which
+any other parameterisation follows (Salimans & Ho 2022, eq. 3-4 for v; Lipman et al. 2023 for flow).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline
+
+from stepdistill.errors import ModelError
+from stepdistill.schedule import NoiseSchedule
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusion3Pipeline", "LatentConsistencyModelPipeline")
+
+
+@dataclass
+class PromptEmbeds:
+    """Text conditioning of a batch: token states (B, L, D) and, for DiTs, pooled embeddings (B, P)."""
+
+    hidden: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.hidden.shape[0]
+
+    def index(self, rows: Any) -> PromptEmbeds:
+        """A subset (or reordering) of the batch rows."""
+        return PromptEmbeds(self.hidden[rows], None if self.pooled is None else self.pooled[rows])
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PromptEmbeds:
+        move = lambda t: None if t is None else t.to(device=device, dtype=dtype or t.dtype)  # noqa: E731
+        return PromptEmbeds(move(self.hidden), move(self.pooled))
+
+    @staticmethod
+    def cat(items: list[PromptEmbeds]) -> PromptEmbeds:
+        pooled = None if items[0].pooled is None else torch.cat([i.pooled for i in items])
+        return PromptEmbeds(torch.cat([i.hidden for i in items]), pooled)
+
+    def expand(self, batch: int) -> PromptEmbeds:
+        """Repeat a single-row embedding (e.g. the empty prompt) to ``batch`` rows."""
+        return self.index([0] * batch)
+
+
+@dataclass
+class Prediction:
+    """A denoiser output in its two canonical forms, at the noisy input's (alpha, sigma)."""
+
+    x0: torch.Tensor
+    eps: torch.Tensor
+
+    def velocity(self) -> torch.Tensor:
+        """Rectified-flow velocity d x_t / d sigma = eps - x0."""
+        return self.eps - self.x0
+
+    def v(self, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Salimans & Ho v-target: alpha * eps - sigma * x0."""
+        return _bcast(alpha, self.eps) * self.eps - _bcast(sigma, self.x0) * self.x0
+
+
+def _bcast(scalar: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-sample scalars (B,) or () -> broadcastable to ``like`` (B, C, H, W)."""
+    scalar = torch.as_tensor(scalar, device=like.device, dtype=like.dtype)
+    return scalar.reshape(scalar.shape + (1,) * (like.dim() - scalar.dim()))
+
+
+def output_to_prediction(output: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor,
+                         prediction_type: str) -> Prediction:
+    """Convert a raw network output at x_t = alpha x0 + sigma eps into (x0, eps)."""
+    a, s = _bcast(alpha, x), _bcast(sigma, x)
+    if prediction_type == "epsilon":
+        return Prediction((x - s * output) / a, output)
+    if prediction_type == "sample":
+        return Prediction(output, (x - a * output) / s)
+    if prediction_type == "v_prediction":  # valid for alpha^2 + sigma^2 = 1
+        return Prediction(a * x - s * output, s * x + a * output)
+    if prediction_type == "flow":  # output = eps - x0 with alpha = 1 - sigma
+        return Prediction(x - s * output, x + a * output)
+    raise ModelError(f"prediction type {prediction_type!r} is not known; allowed: {', '.join(PREDICTION_TYPES)}")
+
+
+def prediction_to_output(pred: Prediction, alpha: torch.Tensor, sigma: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """The raw output a network of ``prediction_type`` would have to produce for ``pred``."""
+    if prediction_type == "epsilon":
+        return pred.eps
+    if prediction_type == "sample":
+        return pred.x0
+    if prediction_type == "v_prediction":
+        return pred.v(alpha, sigma)
+    if prediction_type == "flow":
+        return pred.velocity()
+    raise ModelError(f"prediction type {prediction_type!r} is not known; allowed: {', '.join(PREDICTION_TYPES)}")
+
+
+def _call_unet(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, embeds: PromptEmbeds, **extra: Any) -> torch.Tensor:
+    return model(x, t, encoder_hidden_states=embeds.hidden, return_dict=False, **extra)[0]
+
+
+def _call_sd3_transformer(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, embeds: PromptEmbeds, **extra: Any) -> torch.Tensor:
+    return model(hidden_states=x, timestep=t, encoder_hidden_states=embeds.hidden, pooled_projections=embeds.pooled,
+                 return_dict=False, **extra)[0]
+
+
+DENOISER_CALLS = {"UNet2DConditionModel": _call_unet, "SD3Transformer2DModel": _call_sd3_transformer}
+
+
+class TeacherWrapper:
+    """A diffusers denoiser plus its schedule, prediction type and prompt encoder, behind one interface.
+
+    ``with_model`` gives a wrapper of the same kind around another network (a student, a LoRA-wrapped or
+    DDP-wrapped copy), so students are called through exactly the same conversions as the teacher.
+    """
+
+    def __init__(self, pipe: DiffusionPipeline, model: torch.nn.Module | None = None, prediction_type: str | None = None,
+                 max_sequence_length: int = 256):
+        name = type(pipe).__name__
+        denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+        if denoiser is None or type(denoiser).__name__ not in DENOISER_CALLS:
+            raise ModelError(f"pipeline class {name!r} is not supported; supported: {', '.join(SUPPORTED_PIPELINES)}")
+        self.pipe = pipe
+        self.model = model if model is not None else denoiser
+        self.denoiser_class = type(denoiser).__name__
+        self.schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
+        self.prediction_type = prediction_type or self._infer_prediction_type()
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ModelError(f"prediction type {self.prediction_type!r} is not known; allowed: {', '.join(PREDICTION_TYPES)}")
+        self.max_sequence_length = max_sequence_length
+        self._prompt_cache: dict[str, PromptEmbeds] = {}
+
+    def _infer_prediction_type(self) -> str:
+        if self.schedule.kind == "flow":
+            return "flow"
+        return self.pipe.scheduler.config.get("prediction_type", "epsilon")
+
+    @property
+    def is_dit(self) -> bool:
+        return self.denoiser_class != "UNet2DConditionModel"
+
+    def with_model(self, model: torch.nn.Module, prediction_type: str | None = None) -> TeacherWrapper:
+        """Same schedule, prompts and conversions around another network (e.g. the student)."""
+        other = copy.copy(self)
+        other.model = model
+        other.prediction_type = prediction_type or self.prediction_type
+        return other
+
+    # --- prompts -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
+        """Prompt embeddings with a per-prompt cache (the empty prompt included), on the model's device."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        if missing:
+            for prompt, embeds in zip(missing, self._encode_uncached(missing)):
+                self._prompt_cache[prompt] = embeds
+        device = next(self.model.parameters()).device
+        return PromptEmbeds.cat([self._prompt_cache[p] for p in prompts]).to(device)
+
+    def _encode_uncached(self, prompts: list[str]) -> list[PromptEmbeds]:
+        device = self.pipe.text_encoder.device
+        if self.is_dit:
+            hidden, _, pooled, _ = self.pipe.encode_prompt(prompts, prompts, None, device=device,
+                                                           do_classifier_free_guidance=False,
+                                                           max_sequence_length=self.max_sequence_length)
+        else:
+            hidden, _ = self.pipe.encode_prompt(prompts, device, 1, False)
+            pooled = None
+        batch = PromptEmbeds(hidden.float().cpu(), None if pooled is None else pooled.float().cpu())
+        return [batch.index([i]) for i in range(len(prompts))]
+
+    def empty_prompt(self, batch: int) -> PromptEmbeds:
+        """The unconditional embedding repeated ``batch`` times (cached after the first call)."""
+        return self.encode_prompts([""]).expand(batch)
+
+    # --- denoising -----------------------------------------------------------------------------------------
+    def raw_output(self, x: torch.Tensor, t: torch.Tensor, embeds: PromptEmbeds, **extra: Any) -> torch.Tensor:
+        """One network call; ``t`` is the model timestep (per sample or scalar)."""
+        t = torch.as_tensor(t, device=x.device)
+        t = t.expand(x.shape[0]) if t.dim() == 0 else t
+        model_dtype = next(self.model.parameters()).dtype
+        out = DENOISER_CALLS[self.denoiser_class](self.model, x.to(model_dtype), t, embeds.to(x.device, model_dtype), **extra)
+        return out.float()
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor, embeds: PromptEmbeds, guidance_scale: float | torch.Tensor = 1.0,
+                uncond: PromptEmbeds | None = None, **extra: Any) -> Prediction:
+        """Denoise x_t; with guidance != 1, conditional and unconditional passes run as one batched forward.
+
+        Guidance is applied to the raw output, which equals applying it to x0 or eps since the conversions
+        are affine in the output for a fixed x_t. ``guidance_scale`` may be per sample (LCM's w range).
+        """
+        x = x.float()
+        t = torch.as_tensor(t, device=x.device)
+        alpha, sigma = self.schedule.alpha_sigma(t)
+        w = torch.as_tensor(guidance_scale, dtype=torch.float32, device=x.device)
+        if w.dim() == 0 and float(w) == 1.0:
+            out = self.raw_output(x, t, embeds, **extra)
+        else:
+            uncond = uncond if uncond is not None else self.empty_prompt(x.shape[0])
+            t2 = torch.cat([t.expand(x.shape[0])] * 2) if t.dim() == 0 else torch.cat([t, t])
+            both = self.raw_output(torch.cat([x, x]), t2, PromptEmbeds.cat([uncond.to(x.device), embeds]), **_double(extra))
+            out_u, out_c = both.chunk(2)
+            out = out_u + _bcast(w, out_c) * (out_c - out_u)
+        return output_to_prediction(out, x, alpha.to(x.device), sigma.to(x.device), self.prediction_type)
+
+
+def _double(extra: dict[str, Any]) -> dict[str, Any]:
+    """Repeat batched extra network inputs for the two halves of a CFG forward."""
+    return {k: torch.cat([v, v]) if torch.is_tensor(v) and v.dim() > 0 else v for k, v in extra.items()}
+
+
+def load_teacher(path: str | Path, pipeline_class: str | None = None, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32, prediction_type: str | None = None,
+                 max_sequence_length: int | None = None) -> TeacherWrapper:
+    """Load a diffusers pipeline folder (offline, safetensors only) and wrap it; clear errors for bad input."""
+    import diffusers
+
+    folder = Path(path)
+    if not (folder / "model_index.json").is_file():
+        raise ModelError(f"teacher {str(path)!r} is not a diffusers pipeline folder (no model_index.json); "
+                         "give a folder written by save_pretrained, e.g. the shipped testbed teacher")
+    if pipeline_class is not None and pipeline_class not in SUPPORTED_PIPELINES:
+        raise ModelError(f"pipeline class {pipeline_class!r} is not supported; supported: {', '.join(SUPPORTED_PIPELINES)}")
+    cls = getattr(diffusers, pipeline_class) if pipeline_class else DiffusionPipeline
+    extra = {}
+    if _index_class(folder) == "StableDiffusion3Pipeline":
+        extra = {"text_encoder_3": None, "tokenizer_3": None, "image_encoder": None, "feature_extractor": None}
+    pipe = cls.from_pretrained(str(folder), dtype=dtype, use_safetensors=True, local_files_only=True, **extra)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
+    kwargs = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
+    return TeacherWrapper(pipe, prediction_type=prediction_type, **kwargs)
+
+
+def _index_class(folder: Path) -> str:
+    import json
+
+    return json.loads((folder / "model_index.json").read_text()).get("_class_name", "")

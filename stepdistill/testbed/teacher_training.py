@@ -1,0 +1,200 @@
+"""Training methods for the testbed teachers, run by the shared loop.
+
+Stage 1 trains the tiny ``AutoencoderKL`` on the images. Stage 2 trains the denoiser in that VAE's
+latent space: an SD1.5-style epsilon UNet on the DDPM scaled-linear schedule, or an SD3-style MMDiT with
+the rectified-flow objective (x_t = (1 - s) x0 + s eps, target eps - x0, logit-normal s; Esser et al. 2024).
+Captions are dropped 10% of the time so the teacher supports classifier-free guidance.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers import AutoencoderKL, StableDiffusion3Pipeline, StableDiffusionPipeline
+from diffusers.training_utils import EMAModel
+from transformers import CLIPTokenizer
+
+from stepdistill.data.emoji32 import ImageCaptionSet
+from stepdistill.testbed import tiny_models
+from stepdistill.training.step_random import StepRandom
+from stepdistill.utils.images import save_grid
+
+VALIDATION_PROMPTS = ["grinning face", "hamster face", "red apple", "rocket", "sun", "fire", "snowman", "banana"]
+
+
+class VaeMethod:
+    """Reconstruction + small KL: the SD recipe without the perceptual/GAN terms (no LPIPS weights offline)."""
+
+    name = "testbed-vae"
+    export_name = "vae"
+
+    def __init__(self, data: ImageCaptionSet, kl_weight: float = 1e-6, seed: int = 0):
+        torch.manual_seed(seed)
+        self.vae = tiny_models.tiny_vae()
+        self.pixels = data.pixel_tensor()
+        self.kl_weight = kl_weight
+
+    def trainable_module(self) -> torch.nn.Module:
+        return self.vae
+
+    def num_items(self) -> int:
+        return len(self.pixels)
+
+    def make_batch(self, indices: list[int], device: torch.device) -> dict[str, Any]:
+        return {"pixels": self.pixels[indices].to(device)}
+
+    def compute_loss(self, model, batch, rand: StepRandom):
+        posterior = model.encode(batch["pixels"]).latent_dist
+        latents = posterior.mean + posterior.std * rand.randn(*posterior.mean.shape[1:])
+        recon = model.decode(latents).sample
+        mse = F.mse_loss(recon.float(), batch["pixels"])
+        kl = posterior.kl().mean()
+        return mse + self.kl_weight * kl, {"mse": float(mse.detach()), "kl": float(kl.detach())}
+
+    def after_optimizer_step(self, model) -> None:
+        pass
+
+    def checkpoint_objects(self) -> list[Any]:
+        return []
+
+    @torch.no_grad()
+    def validate(self, model, step: int, out_dir: Path, accelerator: Accelerator) -> None:
+        model.eval()
+        x = self.pixels[:16].to(accelerator.device)
+        recon = model.decode(model.encode(x).latent_dist.mode()).sample
+        save_grid(torch.cat([x, recon]).cpu(), out_dir / f"recon-{step:06d}.png", nrow=16)
+
+    def export(self, model, out_dir: Path) -> None:
+        """Save the VAE with latent statistics: SD uses 1/std, SD3 additionally a mean shift."""
+        model.eval()
+        with torch.no_grad():
+            latents = torch.cat([model.encode(chunk).latent_dist.mode() for chunk in self.pixels.split(256)])
+        model.register_to_config(scaling_factor=float(1.0 / latents.std()), shift_factor=float(latents.mean()))
+        model.save_pretrained(out_dir)
+
+
+class DenoiserMethod:
+    """Train the UNet (kind='sd') or MMDiT (kind='sd3') teacher on cached latents and prompt embeddings."""
+
+    export_name = "pipeline"
+
+    def __init__(self, kind: str, data: ImageCaptionSet, vae: AutoencoderKL, tokenizer: CLIPTokenizer,
+                 caption_dropout: float = 0.1, ema_decay: float = 0.999, seed: int = 0):
+        self.kind, self.name = kind, f"testbed-teacher-{kind}"
+        self.caption_dropout = caption_dropout
+        torch.manual_seed(seed)
+        self.pipe = build_pipeline(kind, vae, tokenizer)
+        self.denoiser = self.pipe.unet if kind == "sd" else self.pipe.transformer
+        self.denoiser.train().requires_grad_(True)
+        self.ema = EMAModel(self.denoiser.parameters(), decay=ema_decay, model_cls=type(self.denoiser),
+                            model_config=self.denoiser.config)
+        self.latents = encode_latents(vae, data, shifted=kind == "sd3")
+        self.cond, self.pooled, self.uncond, self.uncond_pooled = self._encode_captions(data.captions)
+
+    @torch.no_grad()
+    def _encode_captions(self, captions: list[str]):
+        if self.kind == "sd":
+            cond, uncond = self.pipe.encode_prompt(captions, "cpu", 1, True, [""] * len(captions))
+            return cond, None, uncond[:1], None
+        cond, uncond, pooled, uncond_pooled = self.pipe.encode_prompt(
+            captions, captions, None, do_classifier_free_guidance=True, negative_prompt=[""] * len(captions),
+            negative_prompt_2=[""] * len(captions), max_sequence_length=TESTBED_SD3_MAX_SEQUENCE_LENGTH)
+        return cond, pooled, uncond[:1], uncond_pooled[:1]
+
+    def trainable_module(self) -> torch.nn.Module:
+        return self.denoiser
+
+    def num_items(self) -> int:
+        return len(self.latents)
+
+    def make_batch(self, indices: list[int], device: torch.device) -> dict[str, Any]:
+        batch = {"latents": self.latents[indices].to(device), "cond": self.cond[indices].to(device)}
+        if self.pooled is not None:
+            batch["pooled"] = self.pooled[indices].to(device)
+        return batch
+
+    def _drop_captions(self, batch: dict[str, Any], rand: StepRandom) -> tuple[torch.Tensor, torch.Tensor | None]:
+        drop = rand.rand() < self.caption_dropout
+        cond = torch.where(drop[:, None, None], self.uncond.to(batch["cond"]), batch["cond"])
+        pooled = None
+        if self.pooled is not None:
+            pooled = torch.where(drop[:, None], self.uncond_pooled.to(batch["pooled"]), batch["pooled"])
+        return cond, pooled
+
+    def compute_loss(self, model, batch, rand: StepRandom):
+        x0 = batch["latents"]
+        noise = rand.randn(*x0.shape[1:])
+        cond, pooled = self._drop_captions(batch, rand)
+        if self.kind == "sd":
+            t = rand.randint(0, self.pipe.scheduler.config.num_train_timesteps)
+            alphas = self.pipe.scheduler.alphas_cumprod.to(x0.device)[t].view(-1, 1, 1, 1)
+            noisy = alphas.sqrt() * x0 + (1 - alphas).sqrt() * noise
+            pred = model(noisy, t, encoder_hidden_states=cond).sample
+            target = noise
+        else:
+            sigma = torch.sigmoid(rand.randn()).view(-1, 1, 1, 1)  # logit-normal(0, 1) sigma, SD3 paper sec. 3.1
+            noisy = (1 - sigma) * x0 + sigma * noise
+            pred = model(noisy, timestep=sigma.flatten() * 1000, encoder_hidden_states=cond, pooled_projections=pooled).sample
+            target = noise - x0
+        loss = F.mse_loss(pred.float(), target)
+        return loss, {}
+
+    def after_optimizer_step(self, model) -> None:
+        self.ema.step(model.parameters())
+
+    def checkpoint_objects(self) -> list[Any]:
+        return [self.ema]
+
+    def _ema_pipeline(self, model) -> StableDiffusionPipeline | StableDiffusion3Pipeline:
+        ema_model = copy.deepcopy(model).eval()
+        self.ema.copy_to(ema_model.parameters())
+        pipe = copy.copy(self.pipe)
+        pipe.register_modules(**{"unet" if self.kind == "sd" else "transformer": ema_model})
+        return pipe
+
+    @torch.no_grad()
+    def validate(self, model, step: int, out_dir: Path, accelerator: Accelerator) -> None:
+        pipe = self._ema_pipeline(model)
+        extra = {} if self.kind == "sd" else {"max_sequence_length": TESTBED_SD3_MAX_SEQUENCE_LENGTH}
+        images = pipe(VALIDATION_PROMPTS, num_inference_steps=50, guidance_scale=4.0, output_type="pt",
+                      generator=torch.Generator().manual_seed(0), **extra).images
+        save_grid(images * 2 - 1, out_dir / f"samples-{step:06d}.png", nrow=len(VALIDATION_PROMPTS))
+
+    def export(self, model, out_dir: Path) -> None:
+        """Save the EMA weights as a complete pipeline folder, in fp16 safetensors."""
+        pipe = self._ema_pipeline(model)
+        pipe.to(torch.float16).save_pretrained(out_dir, safe_serialization=True)
+
+
+# SD3 pipelines append max_sequence_length all-zero "T5" tokens when text_encoder_3 is None (default 256).
+# The testbed DiT is trained and sampled with a short zero block; pass this value to the pipeline call.
+TESTBED_SD3_MAX_SEQUENCE_LENGTH = 8
+
+
+def build_pipeline(kind: str, vae: AutoencoderKL, tokenizer: CLIPTokenizer):
+    """An untrained testbed pipeline of the real diffusers class around a trained VAE."""
+    if kind == "sd":
+        return StableDiffusionPipeline(
+            vae=vae, text_encoder=tiny_models.tiny_clip_text(tokenizer, 128, seed=1), tokenizer=tokenizer,
+            unet=tiny_models.tiny_unet(128), scheduler=tiny_models.sd15_scheduler(), safety_checker=None,
+            feature_extractor=None, image_encoder=None, requires_safety_checker=False)
+    return StableDiffusion3Pipeline(
+        transformer=tiny_models.tiny_sd3_transformer(joint_attention_dim=128, pooled_projection_dim=128),
+        scheduler=tiny_models.sd3_scheduler(), vae=vae,
+        text_encoder=tiny_models.tiny_clip_text_with_projection(tokenizer, 64, seed=2), tokenizer=tokenizer,
+        text_encoder_2=tiny_models.tiny_clip_text_with_projection(tokenizer, 64, seed=3), tokenizer_2=tokenizer,
+        text_encoder_3=None, tokenizer_3=None)
+
+
+@torch.no_grad()
+def encode_latents(vae: AutoencoderKL, data: ImageCaptionSet, shifted: bool) -> torch.Tensor:
+    """VAE posterior means, scaled (and shifted for SD3) the way the pipelines decode them."""
+    pixels = data.pixel_tensor()
+    latents = torch.cat([vae.encode(chunk).latent_dist.mode() for chunk in pixels.split(256)])
+    if shifted:
+        latents = latents - vae.config.shift_factor
+    return latents * vae.config.scaling_factor

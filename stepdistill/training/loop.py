@@ -1,0 +1,192 @@
+"""The one training loop every trainer uses: accelerate, checkpoints, resume, logging, validation, export.
+
+A trainer supplies a ``TrainingMethod`` (its data, its loss, what to export); this module owns the rest,
+so progressive distillation, LCM, LADD and the testbed teachers all checkpoint and resume the same way.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from stepdistill.errors import ConfigError, StepdistillError
+from stepdistill.training.checkpoint import list_checkpoints, resolve_resume, save_checkpoint
+from stepdistill.training.step_random import StepRandom, batch_indices
+
+
+@dataclass
+class LoopConfig:
+    """Options of the shared loop; trainer configs embed these fields under the same names."""
+
+    output_dir: str = "runs/out"  # checkpoints, logs and exports go here
+    overwrite_output_dir: bool = False  # allow a fresh run into a folder that already holds results
+    max_train_steps: int = 1000  # optimizer steps
+    train_batch_size: int = 64  # per process
+    learning_rate: float = 1e-4  # peak learning rate
+    lr_scheduler: str = "constant_with_warmup"  # any diffusers.optimization scheduler name
+    lr_warmup_steps: int = 100  # linear warm-up steps
+    adam_beta1: float = 0.9  # AdamW beta1
+    adam_beta2: float = 0.999  # AdamW beta2
+    adam_weight_decay: float = 0.0  # AdamW decoupled weight decay
+    max_grad_norm: float = 1.0  # gradient clipping norm
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # autocast precision (GPU)
+    seed: int = 0  # seeds data order, noise and initialisation
+    checkpointing_steps: int = 500  # save a resumable checkpoint every N steps
+    checkpoints_total_limit: int | None = 2  # keep at most this many checkpoints
+    resume_from_checkpoint: str | None = None  # 'latest' or a checkpoint folder
+    report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"  # experiment tracker
+    validation_steps: int = 500  # write validation samples every N steps (0: never)
+    max_nonfinite_steps: int = 5  # stop after this many consecutive non-finite losses/gradients
+
+    def validate_loop(self) -> None:
+        """Reject values the loop cannot run with."""
+        for name in ("max_train_steps", "train_batch_size", "checkpointing_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"learning_rate={self.learning_rate} must be positive")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise ConfigError(f"checkpoints_total_limit={self.checkpoints_total_limit} must be at least 1 or none")
+        if self.validation_steps < 0:
+            raise ConfigError(f"validation_steps={self.validation_steps} must be 0 (never) or positive")
+
+
+class TrainingMethod(Protocol):
+    """What a trainer plugs into the loop."""
+
+    name: str  # stored in checkpoints so that another trainer's checkpoint is refused
+    export_name: str  # sub-folder of output_dir that receives the final result
+
+    def trainable_module(self) -> torch.nn.Module: ...
+    def num_items(self) -> int: ...
+    def make_batch(self, indices: list[int], device: torch.device) -> dict[str, Any]: ...
+    def compute_loss(self, model: torch.nn.Module, batch: dict[str, Any], rand: StepRandom) -> tuple[torch.Tensor, dict[str, float]]: ...
+    def after_optimizer_step(self, model: torch.nn.Module) -> None: ...
+    def checkpoint_objects(self) -> list[Any]: ...
+    def validate(self, model: torch.nn.Module, step: int, out_dir: Path, accelerator: Accelerator) -> None: ...
+    def export(self, model: torch.nn.Module, out_dir: Path) -> None: ...
+
+
+class NonFiniteLossError(StepdistillError):
+    """Training produced too many non-finite losses or gradients in a row."""
+
+
+def prepare_output_dir(cfg: LoopConfig) -> Path:
+    """Check that ``output_dir`` may be written without destroying earlier results."""
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir={cfg.output_dir!r} is a file; give a folder path")
+    has_results = out.is_dir() and any(out.iterdir())
+    if has_results and cfg.resume_from_checkpoint is None and not cfg.overwrite_output_dir:
+        raise ConfigError(f"output_dir={cfg.output_dir!r} already holds results; pass --resume_from_checkpoint latest, "
+                          "--overwrite_output_dir, or another folder")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def make_accelerator(cfg: LoopConfig, out: Path) -> Accelerator:
+    """Accelerator with the tracker and precision the config asks for."""
+    log_with = None if cfg.report_to == "none" else cfg.report_to
+    project = ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs"))
+    return Accelerator(mixed_precision=cfg.mixed_precision, log_with=log_with, project_config=project)
+
+
+def export_atomically(method: TrainingMethod, model: torch.nn.Module, out: Path) -> Path:
+    """Write the final result into a temporary folder and rename it into place only when complete."""
+    final, tmp = out / method.export_name, out / f".tmp-{method.export_name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    method.export(model, tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
+
+
+def run_training(method: TrainingMethod, cfg: LoopConfig, tracker_config: dict[str, Any] | None = None,
+                 accelerator: Accelerator | None = None) -> dict[str, float]:
+    """Train ``method`` to ``cfg.max_train_steps``, resuming if asked; returns the last logged values."""
+    cfg.validate_loop()
+    out = prepare_output_dir(cfg)
+    accelerator = accelerator or make_accelerator(cfg, out)
+    model = method.trainable_module()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.adam_weight_decay)
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=cfg.max_train_steps * accelerator.num_processes)
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    for obj in method.checkpoint_objects():
+        accelerator.register_for_checkpointing(obj)
+    start = 0
+    resume = resolve_resume(out, cfg.resume_from_checkpoint, method.name)
+    if resume is not None:
+        accelerator.load_state(str(resume[0]))
+        start = resume[1]
+    if accelerator.is_main_process and cfg.report_to != "none":
+        accelerator.init_trackers(method.name, config={k: v for k, v in (tracker_config or {}).items()
+                                                     if isinstance(v, (int, float, str, bool))})
+    logs = _train_steps(method, cfg, accelerator, model, optimizer, lr_scheduler, start, out)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        export_atomically(method, accelerator.unwrap_model(model), out)
+    accelerator.end_training()
+    return logs
+
+
+def _train_steps(method, cfg, accelerator, model, optimizer, lr_scheduler, start, out) -> dict[str, float]:
+    """The hot loop: batch, loss, backward, clip, step; skips non-finite steps."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    global_batch = cfg.train_batch_size * world
+    progress = tqdm(range(start, cfg.max_train_steps), initial=start, total=cfg.max_train_steps,
+                    disable=not accelerator.is_local_main_process, desc=method.name)
+    bad_in_a_row, skipped, logs = 0, 0, {}
+    for step in progress:
+        model.train()
+        indices = batch_indices(method.num_items(), global_batch, step, cfg.seed, rank, cfg.train_batch_size)
+        batch = method.make_batch(indices, accelerator.device)
+        rand = StepRandom(cfg.seed, step, rank, world, cfg.train_batch_size, accelerator.device)
+        with accelerator.autocast():
+            loss, logs = method.compute_loss(model, batch, rand)
+        accelerator.backward(loss)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        finite = bool(torch.isfinite(loss.detach()) & torch.isfinite(torch.as_tensor(grad_norm)))
+        if finite:
+            optimizer.step()
+            lr_scheduler.step()
+            method.after_optimizer_step(model)
+            bad_in_a_row = 0
+        else:
+            skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
+            if bad_in_a_row >= cfg.max_nonfinite_steps:
+                raise NonFiniteLossError(f"{bad_in_a_row} consecutive non-finite losses or gradients at step {step + 1} "
+                                         f"(max_nonfinite_steps={cfg.max_nonfinite_steps}); lower learning_rate or check the data")
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        logs = {"loss": float(loss.detach()), "lr": lr_scheduler.get_last_lr()[0], "skipped_steps": skipped, **logs}
+        progress.set_postfix(loss=f"{logs['loss']:.4f}")
+        accelerator.log(logs, step=done)
+        if done % cfg.checkpointing_steps == 0 or done == cfg.max_train_steps:
+            save_checkpoint(accelerator, out, done, method.name, cfg.checkpoints_total_limit)
+        if cfg.validation_steps and (done % cfg.validation_steps == 0 or done == cfg.max_train_steps) and accelerator.is_main_process:
+            method.validate(accelerator.unwrap_model(model), done, out / "validation", accelerator)
+    return logs
+
+
+def latest_step(output_dir: str | Path) -> int:
+    """Step of the newest complete checkpoint in ``output_dir`` (0 when there is none)."""
+    found = list_checkpoints(Path(output_dir))
+    return int(found[-1].name.split("-")[1]) if found else 0
+
+
+def steps_per_epoch(num_items: int, global_batch: int) -> int:
+    """How many steps make one pass over the data."""
+    return max(math.floor(num_items / global_batch), 1)

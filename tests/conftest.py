@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny random pipelines of the real diffusers classes (fast, untrained)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+CAPTIONS = ["hamster face", "red apple", "rocket", "grinning face", "sun", "fire", "snowman", "banana"]
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+    from stepdistill.testbed.tokenizer import write_caption_tokenizer
+
+    return write_caption_tokenizer(CAPTIONS, tmp_path_factory.mktemp("tok"))
+
+
+def _random_pipe(kind: str, tokenizer):
+    from stepdistill.testbed import tiny_models
+    from stepdistill.testbed.teacher_training import build_pipeline
+
+    torch.manual_seed(0)
+    pipe = build_pipeline(kind, tiny_models.tiny_vae(), tokenizer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def sd_pipe(tokenizer):
+    return _random_pipe("sd", tokenizer)
+
+
+@pytest.fixture(scope="session")
+def sd3_pipe(tokenizer):
+    return _random_pipe("sd3", tokenizer)

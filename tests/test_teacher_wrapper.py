@@ -1,0 +1,127 @@
+"""The teacher wrapper: conversions, batched guidance, prompt cache and sampling equal to diffusers pipelines."""
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from stepdistill.errors import ModelError
+from stepdistill.solvers import sample_ddim, sampling_grid
+from stepdistill.teacher import (PREDICTION_TYPES, Prediction, TeacherWrapper, load_teacher, output_to_prediction,
+                                 prediction_to_output)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_conversions_match_ddpm_scheduler(prediction_type):
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                          prediction_type=prediction_type, clip_sample=False)
+    gen = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(2, 3, 4, 4, generator=gen), torch.randn(2, 3, 4, 4, generator=gen)
+    t = torch.tensor([10, 700])
+    acp = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+    xt = sched.add_noise(x0, eps, t)
+    target = {"epsilon": eps, "sample": x0, "v_prediction": sched.get_velocity(x0, eps, t)}[prediction_type]
+    pred = output_to_prediction(target, xt, acp.sqrt().flatten(), (1 - acp).sqrt().flatten(), prediction_type)
+    torch.testing.assert_close(pred.x0, x0, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(pred.eps, eps, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_output_round_trip(prediction_type):
+    gen = torch.Generator().manual_seed(1)
+    x, out = torch.randn(3, 4, 2, 2, generator=gen), torch.randn(3, 4, 2, 2, generator=gen)
+    sigma = torch.tensor([0.2, 0.5, 0.9])
+    alpha = 1 - sigma if prediction_type == "flow" else (1 - sigma ** 2).sqrt()
+    pred = output_to_prediction(out, x, alpha, sigma, prediction_type)
+    torch.testing.assert_close(prediction_to_output(pred, alpha, sigma, prediction_type), out, atol=1e-5, rtol=1e-5)
+    # x_t is recovered from the two canonical forms
+    torch.testing.assert_close(alpha.view(-1, 1, 1, 1) * pred.x0 + sigma.view(-1, 1, 1, 1) * pred.eps, x, atol=1e-5, rtol=1e-5)
+
+
+def test_flow_velocity_is_eps_minus_x0():
+    pred = Prediction(torch.ones(1, 1), torch.full((1, 1), 3.0))
+    assert pred.velocity().item() == 2.0
+
+
+def test_unknown_prediction_type_is_one_line_error():
+    with pytest.raises(ModelError, match="'x_prediction' is not known; allowed: epsilon, v_prediction, sample, flow"):
+        output_to_prediction(torch.zeros(1), torch.zeros(1), torch.ones(1), torch.ones(1), "x_prediction")
+
+
+@pytest.mark.parametrize("kind", ["sd", "sd3"])
+def test_batched_guidance_equals_two_forwards(kind, request):
+    pipe = request.getfixturevalue(f"{kind}_pipe")
+    teacher = TeacherWrapper(pipe, max_sequence_length=8)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([500.0, 250.0]) if kind == "sd3" else torch.tensor([500, 250])
+    cond = teacher.encode_prompts(["rocket", "sun"])
+    w = torch.tensor([1.5, 7.0])
+    with torch.no_grad():
+        guided = teacher.predict(x, t, cond, guidance_scale=w)
+        c, u = teacher.predict(x, t, cond), teacher.predict(x, t, teacher.empty_prompt(2))
+    expected = u.eps + w.view(-1, 1, 1, 1) * (c.eps - u.eps)
+    torch.testing.assert_close(guided.eps, expected, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(c.eps, u.eps)  # the prompt matters
+
+
+def test_prompt_cache_encodes_each_prompt_once(sd_pipe, monkeypatch):
+    teacher = TeacherWrapper(sd_pipe)
+    calls = []
+    original = sd_pipe.encode_prompt
+    monkeypatch.setattr(sd_pipe, "encode_prompt", lambda prompts, *a, **k: calls.append(list(prompts)) or original(prompts, *a, **k))
+    first = teacher.encode_prompts(["rocket", "sun", "rocket"])
+    second = teacher.encode_prompts(["sun", ""])
+    teacher.empty_prompt(4)
+    assert calls == [["rocket", "sun"], [""]]
+    torch.testing.assert_close(first.hidden[1], second.hidden[0])
+    torch.testing.assert_close(first.hidden[0], first.hidden[2])
+
+
+@pytest.mark.parametrize("guidance", [1.0, 5.0])
+def test_ddim_sampling_through_wrapper_equals_sd_pipeline(sd_pipe, guidance):
+    sd_pipe.scheduler = DDIMScheduler.from_config(sd_pipe.scheduler.config)  # leading spacing, SD1.5 settings
+    teacher = TeacherWrapper(sd_pipe)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    prompts = ["rocket", "banana"]
+    with torch.no_grad():
+        ref = sd_pipe(prompts, num_inference_steps=6, guidance_scale=guidance, latents=latents, output_type="latent").images
+        embeds = teacher.encode_prompts(prompts)
+        ours = sample_ddim(lambda x, t: teacher.predict(x, t, embeds, guidance), latents,
+                           sampling_grid(teacher.schedule, 6, "leading", steps_offset=1), teacher.schedule)
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_euler_sampling_through_wrapper_equals_sd3_pipeline(sd3_pipe):
+    teacher = TeacherWrapper(sd3_pipe, max_sequence_length=8)
+    assert teacher.prediction_type == "flow" and teacher.is_dit
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    prompts = ["fire", "sun"]
+    with torch.no_grad():
+        ref = sd3_pipe(prompts, num_inference_steps=5, guidance_scale=4.0, latents=latents, output_type="latent",
+                       max_sequence_length=8).images
+        embeds = teacher.encode_prompts(prompts)
+        ours = sample_ddim(lambda x, t: teacher.predict(x, t, embeds, 4.0), latents,
+                           sampling_grid(teacher.schedule, 5), teacher.schedule)
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_with_model_shares_conversions(sd_pipe):
+    import copy
+
+    teacher = TeacherWrapper(sd_pipe)
+    student_net = copy.deepcopy(sd_pipe.unet)
+    student = teacher.with_model(student_net)
+    assert student.model is student_net and teacher.model is sd_pipe.unet
+    assert student.schedule is teacher.schedule and student.prediction_type == "epsilon"
+
+
+def test_bad_teacher_inputs(tmp_path, sd_pipe):
+    with pytest.raises(ModelError, match="'/no/such/teacher' is not a diffusers pipeline folder"):
+        load_teacher("/no/such/teacher")
+    sd_pipe.save_pretrained(tmp_path / "pipe")
+    with pytest.raises(ModelError, match="pipeline class 'FluxPipeline' is not supported"):
+        load_teacher(tmp_path / "pipe", pipeline_class="FluxPipeline")
+    with pytest.raises(ModelError, match="prediction type 'x0' is not known"):
+        load_teacher(tmp_path / "pipe", prediction_type="x0")
+    loaded = load_teacher(tmp_path / "pipe")
+    assert type(loaded.pipe).__name__ == "StableDiffusionPipeline" and loaded.schedule.kind == "vp"

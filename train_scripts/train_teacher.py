@@ -1,0 +1,64 @@
+"""Train a testbed teacher: ``--stage vae`` (the tiny AutoencoderKL), then ``--stage denoiser``.
+
+    python train_scripts/train_teacher.py --config configs/teacher_vae.yaml
+    python train_scripts/train_teacher.py --config configs/teacher_sd.yaml     # UNet, epsilon, DDIM
+    python train_scripts/train_teacher.py --config configs/teacher_sd3.yaml    # MMDiT, flow matching
+
+Both stages resume with ``--resume_from_checkpoint latest``. The denoiser stage writes a pipeline folder
+(``<output_dir>/pipeline``) that ``StableDiffusionPipeline`` / ``StableDiffusion3Pipeline.from_pretrained``
+loads like any Hub model.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from diffusers import AutoencoderKL
+
+from stepdistill.config import parse_cli, to_dict
+from stepdistill.data.emoji32 import load_emoji32
+from stepdistill.errors import ModelError, cli_errors
+from stepdistill.testbed.teacher_training import DenoiserMethod, VaeMethod
+from stepdistill.testbed.tokenizer import write_caption_tokenizer
+from stepdistill.training.loop import LoopConfig, run_training
+
+
+@dataclass
+class TeacherConfig(LoopConfig):
+    """Loop options plus what the testbed teacher needs."""
+
+    stage: Literal["vae", "denoiser"] = "denoiser"  # which network this run trains
+    kind: Literal["sd", "sd3"] = "sd"  # denoiser stage: UNet/epsilon (sd) or MMDiT/flow (sd3)
+    dataset: str | None = None  # .npz written by scripts/build_emoji_dataset.py; default: the shipped emoji32
+    vae_path: str = "runs/testbed_vae/vae"  # denoiser stage: the VAE folder exported by the vae stage
+    caption_dropout: float = 0.1  # probability of training on the empty prompt (for CFG)
+    ema_decay: float = 0.999  # EMA decay of the exported denoiser weights
+    kl_weight: float = 1e-6  # vae stage: KL term weight
+    num_threads: int = 0  # torch CPU threads (0: torch's default)
+
+
+@cli_errors
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_cli(TeacherConfig, argv)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    data = load_emoji32(cfg.dataset)
+    if cfg.stage == "vae":
+        method = VaeMethod(data, kl_weight=cfg.kl_weight, seed=cfg.seed)
+    else:
+        if not (Path(cfg.vae_path) / "config.json").is_file():
+            raise ModelError(f"vae_path={cfg.vae_path!r} is not a VAE folder; run the vae stage first "
+                             "(configs/teacher_vae.yaml) or point at its <output_dir>/vae")
+        vae = AutoencoderKL.from_pretrained(cfg.vae_path, dtype=torch.float32).eval().requires_grad_(False)
+        tokenizer = write_caption_tokenizer(data.captions, Path(cfg.output_dir) / ".tokenizer")
+        method = DenoiserMethod(cfg.kind, data, vae, tokenizer, caption_dropout=cfg.caption_dropout,
+                                ema_decay=cfg.ema_decay, seed=cfg.seed)
+    logs = run_training(method, cfg, tracker_config=to_dict(cfg))
+    print(f"done: {method.name} final loss {logs.get('loss', float('nan')):.4f}; result in {cfg.output_dir}/{method.export_name}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
