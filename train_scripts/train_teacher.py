@@ -11,6 +11,7 @@ loads like any Hub model.
 from __future__ import annotations
 
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -53,7 +54,8 @@ def main(argv: list[str] | None = None) -> None:
             raise ModelError(f"vae_path={cfg.vae_path!r} is not a VAE folder; run the vae stage first "
                              "(configs/teacher_vae.yaml) or point at its <output_dir>/vae")
         vae = AutoencoderKL.from_pretrained(cfg.vae_path, dtype=torch.float32).eval().requires_grad_(False)
-        tokenizer = write_caption_tokenizer(data.captions, Path(cfg.output_dir) / ".tokenizer")
+        with tempfile.TemporaryDirectory() as tmp:  # the pipeline export saves the tokenizer files
+            tokenizer = write_caption_tokenizer(data.captions, tmp)
         method = DenoiserMethod(cfg.kind, data, vae, tokenizer, caption_dropout=cfg.caption_dropout,
                                 ema_decay=cfg.ema_decay, seed=cfg.seed)
     logs = run_training(method, cfg, tracker_config=to_dict(cfg))

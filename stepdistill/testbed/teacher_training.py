@@ -177,6 +177,12 @@ TESTBED_SD3_MAX_SEQUENCE_LENGTH = 8
 
 def build_pipeline(kind: str, vae: AutoencoderKL, tokenizer: CLIPTokenizer):
     """An untrained testbed pipeline of the real diffusers class around a trained VAE."""
+    pipe = _untrained_pipeline(kind, vae, tokenizer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _untrained_pipeline(kind: str, vae: AutoencoderKL, tokenizer: CLIPTokenizer):
     if kind == "sd":
         return StableDiffusionPipeline(
             vae=vae, text_encoder=tiny_models.tiny_clip_text(tokenizer, 128, seed=1), tokenizer=tokenizer,

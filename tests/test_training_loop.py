@@ -1,0 +1,162 @@
+"""The shared loop: resume reproduces an uninterrupted run, checkpoints are atomic, outputs are not clobbered."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers.training_utils import EMAModel
+
+from stepdistill.config import load_config, parse_cli
+from stepdistill.errors import ConfigError
+from stepdistill.training.checkpoint import list_checkpoints
+from stepdistill.training.loop import LoopConfig, NonFiniteLossError, run_training
+from stepdistill.training.step_random import StepRandom, batch_indices
+
+
+class Interrupt(Exception):
+    pass
+
+
+class ToyMethod:
+    """Denoise 2-D points with a tiny MLP: enough to exercise data order, noise, EMA and export."""
+
+    name = "toy"
+    export_name = "model"
+
+    def __init__(self, crash_at: int | None = None, nan_from: int | None = None):
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.SiLU(), torch.nn.Linear(16, 2))
+        self.data = torch.randn(40, 2, generator=torch.Generator().manual_seed(1))
+        self.ema = EMAModel(self.net.parameters(), decay=0.9)
+        self.calls, self.crash_at, self.nan_from = 0, crash_at, nan_from
+
+    def trainable_module(self):
+        return self.net
+
+    def num_items(self):
+        return len(self.data)
+
+    def make_batch(self, indices, device):
+        return {"x": self.data[indices].to(device)}
+
+    def compute_loss(self, model, batch, rand: StepRandom):
+        self.calls += 1
+        if self.crash_at is not None and self.calls == self.crash_at:
+            raise Interrupt()
+        t = rand.rand()
+        noisy = batch["x"] + t[:, None] * rand.randn(2)
+        loss = (model(torch.cat([noisy, t[:, None]], 1)) - batch["x"]).pow(2).mean()
+        if self.nan_from is not None and self.calls >= self.nan_from:
+            loss = loss * float("nan")
+        return loss, {}
+
+    def after_optimizer_step(self, model):
+        self.ema.step(model.parameters())
+
+    def checkpoint_objects(self):
+        return [self.ema]
+
+    def validate(self, model, step, out_dir, accelerator):
+        pass
+
+    def export(self, model, out_dir: Path):
+        out_dir.mkdir(parents=True)
+        self.ema.copy_to(model.parameters())
+        torch.save(model.state_dict(), out_dir / "weights.pt")
+
+
+def cfg(tmp_path, **kw) -> LoopConfig:
+    base = dict(output_dir=str(tmp_path / "run"), max_train_steps=8, train_batch_size=8, learning_rate=1e-2,
+                lr_scheduler="cosine", lr_warmup_steps=2, checkpointing_steps=3, report_to="none", validation_steps=0)
+    base.update(kw)
+    return LoopConfig(**base)
+
+
+def exported(tmp_path) -> dict[str, torch.Tensor]:
+    return torch.load(tmp_path / "run" / "model" / "weights.pt", weights_only=True)
+
+
+def test_loss_falls(tmp_path):
+    logs = run_training(ToyMethod(), cfg(tmp_path, max_train_steps=60, checkpointing_steps=100))
+    first = ToyMethod()
+    with torch.no_grad():
+        x = first.data
+        before = (first.net(torch.cat([x, torch.zeros(40, 1)], 1)) - x).pow(2).mean()
+    assert logs["loss"] < before.item()
+
+
+def test_resume_after_interruption_reproduces_uninterrupted_run(tmp_path):
+    run_training(ToyMethod(), cfg(tmp_path / "a"))
+    straight = exported(tmp_path / "a")
+    with pytest.raises(Interrupt):
+        run_training(ToyMethod(crash_at=5), cfg(tmp_path / "b"))  # dies after the step-3 checkpoint
+    assert [p.name for p in list_checkpoints(tmp_path / "b" / "run")] == ["checkpoint-3"]
+    assert not (tmp_path / "b" / "run" / "model").exists()
+    run_training(ToyMethod(), cfg(tmp_path / "b", resume_from_checkpoint="latest"))
+    resumed = exported(tmp_path / "b")
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+
+
+def test_checkpoint_limit_and_no_temporary_leftovers(tmp_path):
+    run_training(ToyMethod(), cfg(tmp_path, max_train_steps=10, checkpointing_steps=2, checkpoints_total_limit=2))
+    run_dir = tmp_path / "run"
+    assert [p.name for p in list_checkpoints(run_dir)] == ["checkpoint-8", "checkpoint-10"]
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_existing_results_are_not_clobbered(tmp_path):
+    run_training(ToyMethod(), cfg(tmp_path))
+    before = exported(tmp_path)
+    with pytest.raises(ConfigError, match="already holds results"):
+        run_training(ToyMethod(), cfg(tmp_path, learning_rate=0.5))
+    after = exported(tmp_path)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_output_dir_that_is_a_file(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        run_training(ToyMethod(), cfg(tmp_path, output_dir=str(tmp_path / "file")))
+
+
+def test_nonfinite_losses_stop_training_without_export(tmp_path):
+    with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite"):
+        run_training(ToyMethod(nan_from=4), cfg(tmp_path, max_nonfinite_steps=3))
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_resume_rejects_checkpoint_of_another_trainer(tmp_path):
+    run_training(ToyMethod(), cfg(tmp_path))
+    other = ToyMethod()
+    other.name = "other"
+    with pytest.raises(ConfigError, match="written by trainer 'toy', not 'other'"):
+        run_training(other, cfg(tmp_path, resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-8")))
+
+
+def test_step_random_slices_global_batch():
+    full = StepRandom(3, 5, 0, 1, 8, torch.device("cpu")).randn(2)
+    halves = [StepRandom(3, 5, r, 2, 4, torch.device("cpu")).randn(2) for r in range(2)]
+    assert torch.equal(torch.cat(halves), full)
+    idx = batch_indices(40, 8, 7, 0, 0, 8)
+    assert idx[:4] == batch_indices(40, 8, 7, 0, 0, 4) and idx[4:] == batch_indices(40, 8, 7, 0, 1, 4)
+    epoch = sorted(i for s in range(5) for i in batch_indices(40, 8, s, 0, 0, 8))
+    assert epoch == list(range(40))  # one epoch visits every item once
+
+
+def test_config_parsing_and_errors(tmp_path):
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("max_train_steps: 10\nlearning_rate: 1.0e-3\n")
+    config = parse_cli(LoopConfig, ["--config", str(yaml_file), "--train_batch_size", "4", "--overwrite_output_dir",
+                                    "--checkpoints_total_limit=none"])
+    assert (config.max_train_steps, config.learning_rate, config.train_batch_size) == (10, 1e-3, 4)
+    assert config.overwrite_output_dir is True and config.checkpoints_total_limit is None
+    with pytest.raises(ConfigError, match="unknown option 'max_steps'"):
+        load_config(LoopConfig, overrides={"max_steps": 3})
+    with pytest.raises(ConfigError, match="train_batch_size='four' must be of type int"):
+        load_config(LoopConfig, overrides={"train_batch_size": "four"})
+    with pytest.raises(ConfigError, match="mixed_precision='fp8' is not allowed; choose one of no, fp16, bf16"):
+        load_config(LoopConfig, overrides={"mixed_precision": "fp8"})
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(LoopConfig, tmp_path / "missing.yaml")
