@@ -1,0 +1,316 @@
+"""Load image-caption data from the sources the diffusers training scripts read, as one ``ImageCaptionSet``.
+
+Sources: the shipped ``emoji32`` set (or another .npz), a Hugging Face ``imagefolder`` (images plus a
+``metadata.jsonl``) and webdataset .tar shards (the format of diffusers' LCM distillation examples).
+Every image is made RGB on white, centre-cropped to a square and resized with LANCZOS, so all sources
+give the same (N, R, R, 3) uint8 array. Unusable samples are skipped and counted in one warning, because
+one bad file in a scraped set should not stop a training run; a source with nothing usable is a DataError.
+"""
+from __future__ import annotations
+
+import glob
+import io
+import json
+import re
+import tarfile
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from stepdistill.data.emoji32 import ImageCaptionSet, load_emoji32
+from stepdistill.errors import ConfigError, DataError
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # webdataset keys, in order of preference
+METADATA_FILE = "metadata.jsonl"
+DATASET_KINDS = ("'emoji32', an image folder with metadata.jsonl, webdataset .tar shards "
+                 "(a path, a brace pattern like shard-{000..003}.tar or a glob) or a .npz")
+# PIL raises these for truncated, malformed or oversized files depending on the format plugin.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+_BRACE = re.compile(r"\{([^{}]*)\}")
+_GLOB_CHARS = set("*?[")
+
+
+@dataclass
+class _RawSample:
+    """One sample before decoding: an image file or its bytes and a caption, or ``skip`` saying why not."""
+
+    image: Path | bytes | None = None
+    caption: object = None  # as read (JSON may hold any type); only a non-empty string is usable
+    skip: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Images
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB with transparency composited on white, as the emoji32 glyphs were rendered (not black, PIL's default)."""
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _fit(image: Image.Image, resolution: int) -> np.ndarray:
+    """Centre-crop to a square and resize with LANCZOS, like the diffusers text-to-image scripts."""
+    square = ImageOps.fit(image, (resolution, resolution), method=Image.LANCZOS, centering=(0.5, 0.5))
+    return np.asarray(square, dtype=np.uint8)
+
+
+def _decode(source: Path | bytes, resolution: int) -> np.ndarray | None:
+    """Decoded, fitted pixels, or None when the file is missing, truncated or not an image."""
+    try:
+        with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as image:
+            image.load()  # decode now so a truncated file fails here, not later
+            return _fit(_to_rgb(ImageOps.exif_transpose(image)), resolution)
+    except _DECODE_ERRORS:
+        return None
+
+
+def _check_resolution(resolution: int) -> None:
+    """Reject a side length that cannot make an image before reading any data."""
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
+        raise ConfigError(f"resolution {resolution!r} is not allowed; expected a positive integer")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Collecting samples
+
+
+def _clean_caption(caption: object) -> str | None:
+    """The stripped caption if it is a non-empty string, else None."""
+    return (caption.strip() or None) if isinstance(caption, str) else None
+
+
+def _problem(raw: _RawSample) -> str | None:
+    """Why a sample cannot be used before decoding it, or None."""
+    if raw.skip:
+        return raw.skip
+    if not isinstance(raw.caption, str):
+        return "missing caption"
+    if _clean_caption(raw.caption) is None:
+        return "empty caption"
+    if isinstance(raw.image, Path) and not raw.image.is_file():
+        return "missing file"
+    return None
+
+
+def _summary(skipped: Counter[str]) -> str:
+    """'5 samples (3 unreadable image, 2 empty caption)', most frequent reason first."""
+    reasons = ", ".join(f"{count} {reason}" for reason, count in skipped.most_common())
+    return f"{sum(skipped.values())} samples ({reasons})"
+
+
+def _collect(raws: Iterable[_RawSample], resolution: int, source: str, expected: str) -> ImageCaptionSet:
+    """Decode every usable sample; warn once with the skip counts, or raise if nothing was usable."""
+    images, captions, skipped = [], [], Counter()
+    for raw in raws:
+        reason = _problem(raw)
+        pixels = None if reason else _decode(raw.image, resolution)
+        if pixels is None:
+            skipped[reason or "unreadable image"] += 1
+            continue
+        images.append(pixels)
+        captions.append(_clean_caption(raw.caption))
+    if not images:
+        found = f" (skipped {_summary(skipped)})" if skipped else ""
+        raise DataError(f"dataset '{source}' has no readable images{found}; expected {expected}")
+    if skipped:
+        warnings.warn(f"dataset '{source}': skipped {_summary(skipped)}; kept {len(images)}", stacklevel=3)
+    return ImageCaptionSet(images=np.stack(images), captions=captions)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# imagefolder
+
+
+def _metadata_sample(root: Path, line: str, caption_column: str) -> _RawSample:
+    """One metadata.jsonl line as a sample; a line that is not a JSON object with a file_name is skipped."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return _RawSample(skip="invalid metadata line")
+    if not isinstance(record, dict) or not isinstance(record.get("file_name"), str):
+        return _RawSample(skip="invalid metadata line")
+    return _RawSample(image=root / record["file_name"], caption=record.get(caption_column))
+
+
+def _metadata_samples(root: Path, caption_column: str) -> Iterator[_RawSample]:
+    """Samples in metadata.jsonl order (the Hugging Face imagefolder convention); blank lines are ignored."""
+    with open(root / METADATA_FILE, encoding="utf-8", errors="replace") as lines:
+        for line in lines:
+            if line.strip():
+                yield _metadata_sample(root, line, caption_column)
+
+
+def load_imagefolder(path: str | Path, resolution: int = 32, caption_column: str = "text") -> ImageCaptionSet:
+    """Load a Hugging Face ``imagefolder``: image files plus ``metadata.jsonl`` lines with ``file_name``
+    (relative to ``path``) and a caption field named ``caption_column``.
+
+    Args:
+        path: the folder holding ``metadata.jsonl``.
+        resolution: side length of the square output images.
+        caption_column: the metadata field holding each caption.
+    """
+    _check_resolution(resolution)
+    root = Path(path)
+    expected = (f'a folder of images with {METADATA_FILE} lines like '
+                f'{{"file_name": "0001.png", "{caption_column}": "a caption"}}')
+    if not root.is_dir():
+        raise DataError(f"dataset '{path}' is not a folder; expected {expected}")
+    if not (root / METADATA_FILE).is_file():
+        raise DataError(f"dataset '{path}' has no {METADATA_FILE}; expected {expected}")
+    return _collect(_metadata_samples(root, caption_column), resolution, str(path), expected)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# webdataset
+
+
+def _expand_braces(pattern: str) -> list[str]:
+    """Expand ``{000..003}`` ranges (keeping zero padding) and ``{a,b}`` lists, as webdataset's braceexpand does."""
+    match = _BRACE.search(pattern)
+    if match is None:
+        return [pattern]
+    head, rests = pattern[: match.start()], _expand_braces(pattern[match.end():])
+    return [head + item + rest for item in _brace_items(match.group(1)) for rest in rests]
+
+
+def _brace_items(body: str) -> list[str]:
+    """The alternatives one brace group stands for; a group that is neither a range nor a list stays literal."""
+    numeric = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if numeric:
+        first, last = numeric.groups()
+        width = max(len(first), len(last)) if first.startswith("0") or last.startswith("0") else 0
+        step = 1 if int(last) >= int(first) else -1
+        return [str(n).zfill(width) for n in range(int(first), int(last) + step, step)]
+    return body.split(",") if "," in body else ["{" + body + "}"]
+
+
+def _shard_paths(pattern: str) -> list[Path]:
+    """The shard files one path, brace pattern or glob names; a name that matches nothing is a DataError."""
+    paths = []
+    for name in _expand_braces(pattern):
+        is_glob = bool(_GLOB_CHARS & set(name))
+        matches = sorted(glob.glob(name)) if is_glob else [name] if Path(name).is_file() else []
+        if not matches:
+            problem = "matches no files" if is_glob else "does not exist"
+            raise DataError(f"webdataset shard '{name}' {problem}; expected .tar files (from '{pattern}')")
+        paths += [Path(match) for match in matches]
+    return paths
+
+
+def _split_key(member: str) -> tuple[str, str]:
+    """webdataset's key/extension split: the key is the path up to the first dot of the basename."""
+    folder, _, base = member.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def _json_caption(data: bytes) -> object:
+    """The "caption" (or "text") field of a sample's .json, or None if it has neither or is not JSON."""
+    try:
+        record = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return record.get("caption", record.get("text")) if isinstance(record, dict) else None
+
+
+def _tar_sample(files: dict[str, bytes]) -> _RawSample:
+    """One webdataset sample from its files by extension: the first image type found and a .txt or .json caption."""
+    image = next((files[ext] for ext in IMAGE_EXTENSIONS if ext in files), None)
+    if image is None:
+        return _RawSample(skip="sample without image")
+    if "txt" in files:
+        return _RawSample(image=image, caption=files["txt"].decode("utf-8", errors="replace"))
+    return _RawSample(image=image, caption=_json_caption(files["json"]) if "json" in files else None)
+
+
+def _shard_samples(shard: Path) -> Iterator[_RawSample]:
+    """Group a tar's files into samples by key; an unreadable or truncated shard keeps what was read before it broke."""
+    groups: dict[str, dict[str, bytes]] = {}
+    try:
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if member.isfile():
+                    key, ext = _split_key(member.name)
+                    groups.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError):
+        yield _RawSample(skip="unreadable shard")
+    yield from (_tar_sample(files) for files in groups.values())
+
+
+def load_webdataset(shards: str | Path | Sequence[str | Path], resolution: int = 32) -> ImageCaptionSet:
+    """Load webdataset .tar shards, the format diffusers' LCM distillation scripts stream.
+
+    Args:
+        shards: a path, a brace pattern such as ``data/shard-{000..003}.tar``, a glob, or a list of these.
+            Files in a tar that share a key form one sample: an image (jpg/jpeg/png/webp) and a caption in
+            ``.txt`` or in the "caption" or "text" field of ``.json``.
+        resolution: side length of the square output images.
+    """
+    _check_resolution(resolution)
+    patterns = [str(shards)] if isinstance(shards, (str, Path)) else [str(s) for s in shards]
+    if not patterns:
+        raise DataError(f"webdataset shards {list(shards)!r} is empty; expected {DATASET_KINDS}")
+    paths = [path for pattern in patterns for path in _shard_paths(pattern)]
+    samples = (sample for path in paths for sample in _shard_samples(path))
+    expected = "tar files of <key>.jpg|jpeg|png|webp with <key>.txt or <key>.json captions"
+    return _collect(samples, resolution, ", ".join(patterns), expected)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dispatch
+
+
+def _resized(data: ImageCaptionSet, resolution: int) -> ImageCaptionSet:
+    """The set at ``resolution``, resampled with the same LANCZOS fit as the other sources when it differs."""
+    if data.images.shape[1:3] == (resolution, resolution):
+        return data
+    images = np.stack([_fit(Image.fromarray(image), resolution) for image in data.images])
+    return ImageCaptionSet(images=images, captions=data.captions)
+
+
+def _load_npz(path: str | Path | None, resolution: int) -> ImageCaptionSet:
+    """An emoji32-format .npz (images, captions); a file that is not one is a DataError."""
+    try:
+        data = load_emoji32(path)
+    except (OSError, ValueError, KeyError) as err:
+        raise DataError(f"dataset '{path}' is not a readable .npz with images and captions ({err})") from err
+    if len(data) == 0:
+        raise DataError(f"dataset '{path}' has no readable images; expected a .npz with images and captions")
+    return _resized(data, resolution)
+
+
+def _is_shard_spec(spec: str) -> bool:
+    """A .tar path, brace pattern or glob: what load_webdataset reads."""
+    return spec.endswith(".tar") or bool(_BRACE.search(spec)) or bool(_GLOB_CHARS & set(spec))
+
+
+def load_dataset(spec: str | Path | None = None, resolution: int = 32, caption_column: str = "text") -> ImageCaptionSet:
+    """Load any supported source, chosen by the form of ``spec``.
+
+    Args:
+        spec: ``"emoji32"`` or None (the shipped set), a folder (imagefolder), a .tar path, brace pattern or
+            glob (webdataset shards), or a .npz written like the shipped set.
+        resolution: side length of the square output images.
+        caption_column: the metadata.jsonl caption field, for image folders.
+    """
+    _check_resolution(resolution)
+    name = None if spec is None else str(spec)
+    if name is None or name == "emoji32":
+        return _load_npz(None, resolution)
+    if Path(name).is_dir():
+        return load_imagefolder(name, resolution, caption_column)
+    if name.endswith(".npz") and Path(name).is_file():
+        return _load_npz(name, resolution)
+    if _is_shard_spec(name):
+        return load_webdataset(name, resolution)
+    problem = "does not exist" if not Path(name).exists() else "is not a supported kind"
+    raise DataError(f"dataset '{name}' {problem}; expected {DATASET_KINDS}")
