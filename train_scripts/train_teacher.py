@@ -20,8 +20,9 @@ import torch
 from diffusers import AutoencoderKL
 
 from stepdistill.config import parse_cli, to_dict
-from stepdistill.data.emoji32 import load_emoji32
+from stepdistill.data import load_dataset
 from stepdistill.errors import ModelError, cli_errors
+from stepdistill.testbed import SHIPPED_TEACHERS, resolve_teacher_path
 from stepdistill.testbed.teacher_training import DenoiserMethod, VaeMethod
 from stepdistill.testbed.tokenizer import write_caption_tokenizer
 from stepdistill.training.loop import LoopConfig, run_training
@@ -33,8 +34,8 @@ class TeacherConfig(LoopConfig):
 
     stage: Literal["vae", "denoiser"] = "denoiser"  # which network this run trains
     kind: Literal["sd", "sd3"] = "sd"  # denoiser stage: UNet/epsilon (sd) or MMDiT/flow (sd3)
-    dataset: str | None = None  # .npz written by scripts/build_emoji_dataset.py; default: the shipped emoji32
-    vae_path: str = "runs/testbed_vae/vae"  # denoiser stage: the VAE folder exported by the vae stage
+    dataset: str | None = None  # emoji32 (default), an image folder with metadata.jsonl, webdataset shards or a .npz
+    vae_path: str = "runs/testbed_vae/vae"  # denoiser stage: VAE folder from the vae stage, or a shipped teacher name (its VAE)
     caption_dropout: float = 0.1  # probability of training on the empty prompt (for CFG)
     ema_decay: float = 0.999  # EMA decay of the exported denoiser weights
     kl_weight: float = 1e-6  # vae stage: KL term weight
@@ -46,14 +47,15 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_cli(TeacherConfig, argv)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    data = load_emoji32(cfg.dataset)
+    data = load_dataset(cfg.dataset)
     if cfg.stage == "vae":
         method = VaeMethod(data, kl_weight=cfg.kl_weight, seed=cfg.seed)
     else:
-        if not (Path(cfg.vae_path) / "config.json").is_file():
+        vae_path = resolve_teacher_path(cfg.vae_path) / "vae" if cfg.vae_path in SHIPPED_TEACHERS else Path(cfg.vae_path)
+        if not (vae_path / "config.json").is_file():
             raise ModelError(f"vae_path={cfg.vae_path!r} is not a VAE folder; run the vae stage first "
                              "(configs/teacher_vae.yaml) or point at its <output_dir>/vae")
-        vae = AutoencoderKL.from_pretrained(cfg.vae_path, dtype=torch.float32).eval().requires_grad_(False)
+        vae = AutoencoderKL.from_pretrained(vae_path, dtype=torch.float32).eval().requires_grad_(False)
         with tempfile.TemporaryDirectory() as tmp:  # the pipeline export saves the tokenizer files
             tokenizer = write_caption_tokenizer(data.captions, tmp)
         method = DenoiserMethod(cfg.kind, data, vae, tokenizer, caption_dropout=cfg.caption_dropout,
