@@ -61,3 +61,39 @@ def test_evaluator_weights_round_trip(tmp_path):
     assert loaded.features(torch.randn(2, 3, 64, 64)).shape == (2, 256)  # other resolutions are resized
     with pytest.raises(ModelError, match="not found"):
         load_evaluator(tmp_path / "missing.safetensors")
+
+
+def test_missing_inception_weights_is_a_clear_error(tmp_path, monkeypatch):
+    from stepdistill.evaluation.inception import inception_feature_extractor
+
+    monkeypatch.setenv("STEPDISTILL_INCEPTION_WEIGHTS", str(tmp_path / "inception.pt"))
+    with pytest.raises(ModelError, match="Inception weights not found at .*inception.pt"):
+        inception_feature_extractor()
+
+
+def test_clip_score_equals_manual_cosine(tmp_path, tokenizer):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from stepdistill.evaluation.clip_score import clip_score, load_clip
+
+    torch.manual_seed(0)
+    config = CLIPConfig(text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, max_position_embeddings=32,
+                                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id),
+                        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                           image_size=32, patch_size=8), projection_dim=16)
+    CLIPModel(config).save_pretrained(tmp_path / "clip")
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                              tokenizer=tokenizer)
+    processor.save_pretrained(tmp_path / "clip")
+    model, processor = load_clip(tmp_path / "clip")
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    prompts = ["rocket", "sun", "red apple"]
+    scores = clip_score(model, processor, images, prompts)
+    inputs = processor(text=prompts, images=list(((images + 1) * 127.5).round().to(torch.uint8)), return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model(**inputs)
+    expected = 100 * torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds).clamp_min(0)
+    torch.testing.assert_close(scores, expected, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ModelError, match="CLIP model .* not found"):
+        load_clip(tmp_path / "nope")

@@ -1,0 +1,91 @@
+"""Generate image sets for the sweep with the pipelines themselves, so rows show what a user gets."""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import diffusers
+import torch
+from diffusers import DiffusionPipeline
+
+from stepdistill.errors import ConfigError, ModelError
+from stepdistill.sampling import initial_noise
+from stepdistill.teacher import TeacherWrapper, load_teacher
+
+STUDENT_META = "stepdistill_student.json"  # written next to exported students: scheduler and guidance to use
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def teacher_solver(pipe: DiffusionPipeline, solver: str) -> diffusers.SchedulerMixin:
+    """Scheduler for a teacher row; trailing spacing everywhere so few-step rows start at pure noise."""
+    config = pipe.scheduler.config
+    if type(pipe.scheduler).__name__.startswith("FlowMatch"):
+        if solver == "euler":
+            return diffusers.FlowMatchEulerDiscreteScheduler.from_config(config)
+        if solver == "dpmpp":
+            return diffusers.DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction",
+                                                         flow_shift=config.get("shift", 1.0))
+        raise ConfigError(f"solver {solver!r} is not available for flow teachers; choose euler or dpmpp")
+    classes = {"ddim": diffusers.DDIMScheduler, "dpmpp": diffusers.DPMSolverMultistepScheduler,
+               "euler": diffusers.EulerDiscreteScheduler}
+    if solver not in classes:
+        raise ConfigError(f"solver {solver!r} is not known; choose one of {', '.join(classes)}")
+    return classes[solver].from_config(config, timestep_spacing="trailing")
+
+
+@dataclass
+class Generator:
+    """A pipeline plus how to call it (scheduler swapped in by the caller)."""
+
+    name: str
+    pipe: DiffusionPipeline
+    guidance_scale: float
+    call_kwargs: dict
+
+    @torch.no_grad()
+    def images(self, prompts: list[str], steps: int, noise: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """Images in [-1, 1] for the prompts, starting from the given latents."""
+        out = []
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            result = self.pipe(chunk, num_inference_steps=steps, guidance_scale=self.guidance_scale,
+                               latents=noise[start:start + len(chunk)], output_type="pt", **self.call_kwargs)
+            out.append(result.images.float() * 2 - 1)
+        return torch.cat(out)
+
+    def latency_ms(self, prompt: str, steps: int, noise: torch.Tensor, repeats: int = 5) -> float:
+        """Median wall-clock time of one single-image pipeline call (text encoding and VAE decode included)."""
+        self.images([prompt], steps, noise[:1], 1)  # warm-up
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            self.images([prompt], steps, noise[:1], 1)
+            times.append(time.perf_counter() - start)
+        return 1000 * statistics.median(times)
+
+
+def load_student(spec: str, teacher_path: Path, call_kwargs: dict) -> Generator:
+    """``name=path``: a LoRA folder (loaded into a fresh teacher pipeline) or a full pipeline folder."""
+    name, sep, path = spec.partition("=")
+    if not sep or not name:
+        raise ConfigError(f"student {spec!r} must look like name=path/to/lora_or_pipeline")
+    folder = Path(path)
+    meta = json.loads((folder / STUDENT_META).read_text()) if (folder / STUDENT_META).is_file() else {}
+    if (folder / LORA_FILE).is_file():
+        pipe = load_teacher(teacher_path).pipe
+        pipe.load_lora_weights(str(folder))
+    elif (folder / "model_index.json").is_file():
+        pipe = load_teacher(folder).pipe
+    else:
+        raise ModelError(f"student {spec!r}: {path!r} holds neither {LORA_FILE} nor a pipeline (model_index.json)")
+    if "scheduler" in meta:
+        pipe.scheduler = getattr(diffusers, meta["scheduler"]).from_config(pipe.scheduler.config, **meta.get("scheduler_kwargs", {}))
+    return Generator(name, pipe, float(meta.get("guidance_scale", 1.0)), call_kwargs)
+
+
+def shared_noise(teacher: TeacherWrapper, count: int, seed: int) -> torch.Tensor:
+    """The initial latents every row uses for a given seed, so rows are compared image by image."""
+    return initial_noise(teacher, count, seed)
