@@ -8,7 +8,6 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-import torch
 
 from stepdistill.config import parse_cli, to_dict
 from stepdistill.data import load_dataset
@@ -22,14 +21,11 @@ class EvaluatorConfig(LoopConfig):
     """Loop options plus the evaluator's data."""
 
     dataset: str | None = None  # emoji32 (default) or another dataset; one class per image
-    num_threads: int = 0  # torch CPU threads (0: torch's default)
 
 
 @cli_errors
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_cli(EvaluatorConfig, argv)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
     method = EvaluatorMethod(load_dataset(cfg.dataset), seed=cfg.seed)
     logs = run_training(method, cfg, tracker_config=to_dict(cfg))
     accuracy = held_out_accuracy(method.model, method.pixels, seed=123_456)

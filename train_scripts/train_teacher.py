@@ -39,14 +39,11 @@ class TeacherConfig(LoopConfig):
     caption_dropout: float = 0.1  # probability of training on the empty prompt (for CFG)
     ema_decay: float = 0.999  # EMA decay of the exported denoiser weights
     kl_weight: float = 1e-6  # vae stage: KL term weight
-    num_threads: int = 0  # torch CPU threads (0: torch's default)
 
 
 @cli_errors
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_cli(TeacherConfig, argv)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
     data = load_dataset(cfg.dataset)
     if cfg.stage == "vae":
         method = VaeMethod(data, kl_weight=cfg.kl_weight, seed=cfg.seed)

@@ -45,6 +45,7 @@ class LoopConfig:
     report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"  # experiment tracker
     validation_steps: int = 500  # write validation samples every N steps (0: never)
     max_nonfinite_steps: int = 5  # stop after this many consecutive non-finite losses/gradients
+    num_threads: int = 0  # torch CPU threads per process (0: torch's default)
 
     def validate_loop(self) -> None:
         """Reject values the loop cannot run with."""
@@ -115,6 +116,8 @@ def run_training(method: TrainingMethod, cfg: LoopConfig, tracker_config: dict[s
                  accelerator: Accelerator | None = None) -> dict[str, float]:
     """Train ``method`` to ``cfg.max_train_steps``, resuming if asked; returns the last logged values."""
     cfg.validate_loop()
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
     out = prepare_output_dir(cfg)
     accelerator = accelerator or make_accelerator(cfg, out)
     model = method.trainable_module()
