@@ -104,3 +104,51 @@ def sample_ddim(denoise: Denoise, x: torch.Tensor, grid: torch.Tensor, schedule:
         alpha_next, sigma_next = schedule.alpha_sigma(t_next)
         x = ddim_step(pred, alpha_next.to(x.device), sigma_next.to(x.device))
     return x
+
+
+def lcm_inference_timesteps(num_steps: int, num_ddim_timesteps: int = 50, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """LCMScheduler's N-step inference subset of the skipping grid (evenly spaced indices, descending)."""
+    grid = lcm_skip_timesteps(num_ddim_timesteps, num_train_timesteps).flip(0)
+    if not 1 <= num_steps <= num_ddim_timesteps:
+        raise ConfigError(f"num_steps={num_steps} is out of range; allowed 1..{num_ddim_timesteps} (num_ddim_timesteps)")
+    indices = np.floor(np.linspace(0, num_ddim_timesteps, num_steps, endpoint=False)).astype(np.int64)
+    return grid[torch.from_numpy(indices)]
+
+
+def consistency_scalings(t: torch.Tensor, timestep_scaling: float = 10.0, sigma_data: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """LCM boundary-condition scalings (c_skip, c_out) at model timestep t: c_skip(0) = 1, c_out(0) = 0
+    (Song et al. 2023, sec. 3; LCM's discrete form with timestep scaling)."""
+    scaled = torch.as_tensor(t, dtype=torch.float32) * timestep_scaling
+    c_skip = sigma_data ** 2 / (scaled ** 2 + sigma_data ** 2)
+    c_out = scaled / (scaled ** 2 + sigma_data ** 2) ** 0.5
+    return c_skip, c_out
+
+
+def consistency_output(x: torch.Tensor, pred: Prediction, t: torch.Tensor, timestep_scaling: float = 10.0) -> torch.Tensor:
+    """f(x_t, t) = c_skip x_t + c_out x0: the consistency function built on any denoiser prediction."""
+    c_skip, c_out = consistency_scalings(t, timestep_scaling)
+    return _bcast(c_skip.to(x.device), x) * x + _bcast(c_out.to(x.device), x) * pred.x0
+
+
+def guidance_scale_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of the guidance weight (LCM's w-condition, fed as ``timestep_cond``); the same
+    formula as ``LatentConsistencyModelPipeline.get_guidance_scale_embedding`` so exported students load there."""
+    w = torch.as_tensor(w, dtype=torch.float32).flatten() * 1000.0
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(np.log(10000.0) / (half - 1)))
+    angles = w[:, None] * freqs[None, :].to(w.device)
+    emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    return torch.nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+def sample_consistency(denoise: Denoise, x: torch.Tensor, timesteps: torch.Tensor, schedule: NoiseSchedule,
+                       generator: torch.Generator | None = None, timestep_scaling: float = 10.0) -> torch.Tensor:
+    """Multistep consistency sampling (LCM alg. 1): map to x0 with f, re-noise to the next timestep, repeat."""
+    for i, t in enumerate(timesteps):
+        denoised = consistency_output(x, denoise(x, t), t, timestep_scaling)
+        if i == len(timesteps) - 1:
+            return denoised
+        alpha, sigma = schedule.alpha_sigma(timesteps[i + 1])
+        noise = torch.randn(x.shape, generator=generator).to(x.device)
+        x = _bcast(alpha.to(x.device), x) * denoised + _bcast(sigma.to(x.device), x) * noise
+    return x

@@ -1,0 +1,90 @@
+"""Pieces every distillation method shares: cached latents and prompts, LoRA students, validation grids."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from peft import LoraConfig
+
+from stepdistill.data.emoji32 import ImageCaptionSet
+from stepdistill.errors import ConfigError
+from stepdistill.teacher import PromptEmbeds, TeacherWrapper
+from stepdistill.utils.images import grid_image, save_grid
+
+UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                     "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
+DIT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
+
+
+class LatentPromptData:
+    """Training pairs as (scaled VAE latent, caption): latents are encoded once, prompts cached by the teacher."""
+
+    def __init__(self, teacher: TeacherWrapper, data: ImageCaptionSet, batch: int = 64):
+        self.teacher, self.captions = teacher, data.captions
+        self.latents = encode_images(teacher, data.pixel_tensor(), batch)
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def batch(self, indices: list[int], device: torch.device) -> tuple[torch.Tensor, PromptEmbeds]:
+        return self.latents[indices].to(device), self.teacher.encode_prompts([self.captions[i] for i in indices]).to(device)
+
+
+@torch.no_grad()
+def encode_images(teacher: TeacherWrapper, pixels: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    """Posterior means in the pipeline's latent space (SD3: shifted, then scaled)."""
+    vae = teacher.pipe.vae
+    expected = vae.config.sample_size
+    if pixels.shape[-1] != expected:
+        raise ConfigError(f"dataset resolution {pixels.shape[-1]} does not match the teacher VAE's sample_size {expected}; "
+                          f"pass --resolution {expected}")
+    out = []
+    for chunk in pixels.split(batch):
+        latents = vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist.mode().float()
+        if teacher.schedule.kind == "flow" and vae.config.get("shift_factor") is not None:
+            latents = latents - vae.config.shift_factor
+        out.append((latents * vae.config.scaling_factor).cpu())
+    return torch.cat(out)
+
+
+def add_lora(model: torch.nn.Module, rank: int, alpha: float, is_dit: bool) -> LoraConfig:
+    """Attach a peft LoRA adapter through diffusers' own ``add_adapter`` (the base weights stay frozen)."""
+    if rank < 1:
+        raise ConfigError(f"lora_rank={rank} must be at least 1")
+    model.requires_grad_(False)
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                        target_modules=DIT_LORA_TARGETS if is_dit else UNET_LORA_TARGETS)
+    model.add_adapter(config)
+    return config
+
+
+class adapters_disabled:  # noqa: N801 - used as a context manager
+    """Run the base network of a LoRA-wrapped model: in LoRA mode the teacher is the student minus its adapter."""
+
+    def __init__(self, model: torch.nn.Module, active: bool):
+        self.model, self.active = model, active
+
+    def __enter__(self) -> torch.nn.Module:
+        if self.active:
+            self.model.disable_adapters()
+        return self.model
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.active:
+            self.model.enable_adapters()
+
+
+def write_validation(images_by_steps: dict[int, torch.Tensor], step: int, out_dir: Path, accelerator: Accelerator) -> Path:
+    """One PNG (rows: 1, 2, 4, 8 steps) and the same grid in TensorBoard when it is the tracker."""
+    rows = torch.cat(list(images_by_steps.values()))
+    nrow = next(iter(images_by_steps.values())).shape[0]
+    path = save_grid(rows, out_dir / f"steps-{'-'.join(map(str, images_by_steps))}-{step:06d}.png", nrow=nrow, scale=2)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            import numpy as np
+
+            tracker.writer.add_image("validation", np.asarray(grid_image(rows, nrow, 2)), step, dataformats="HWC")
+    return path

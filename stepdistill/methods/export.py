@@ -1,0 +1,55 @@
+"""Writing students the way diffusers users load them: LoRA in diffusers key format, model cards."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft.utils import get_peft_model_state_dict
+
+from stepdistill.teacher import TeacherWrapper
+
+STUDENT_META = "stepdistill_student.json"
+
+
+def write_lora(model: torch.nn.Module, teacher: TeacherWrapper, out_dir: Path, scheduler: str | None) -> None:
+    """``pytorch_lora_weights.safetensors`` that ``pipe.load_lora_weights(dir)`` accepts.
+
+    Keys get diffusers' ``unet.`` / ``transformer.`` prefixes and the adapter config is stored as metadata,
+    without which an alpha != rank LoRA reloads with the wrong scale.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # peft key names (lora_A / lora_B); diffusers' old-format conversion renames attention keys to
+    # `.lora.down` forms that diffusers 0.42's loader then silently skips.
+    layers = get_peft_model_state_dict(model)
+    layers = {k: v.detach().to(torch.float32).contiguous() for k, v in layers.items()}
+    metadata = model.peft_config["default"].to_dict()
+    pipe_cls = type(teacher.pipe)
+    if teacher.is_dit:
+        pipe_cls.save_lora_weights(out_dir, transformer_lora_layers=layers, transformer_lora_adapter_metadata=metadata)
+    else:
+        pipe_cls.save_lora_weights(out_dir, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata)
+    meta = {"method": "lcm-lora", "teacher_class": pipe_cls.__name__, "guidance_scale": 1.0}
+    if scheduler:
+        meta["scheduler"] = scheduler
+    (out_dir / STUDENT_META).write_text(json.dumps(meta, indent=2))
+
+
+def write_model_card(out_dir: Path, cfg: Any, teacher: TeacherWrapper, lora: bool) -> None:
+    """A README.md next to the weights saying what they are and how to load them."""
+    options = {k: v for k, v in dataclasses.asdict(cfg).items() if isinstance(v, (int, float, str, bool))}
+    pipe_cls = type(teacher.pipe).__name__
+    if lora and not teacher.is_dit:
+        usage = (f"pipe = {pipe_cls}.from_pretrained(TEACHER)\npipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)\n"
+                 f"pipe.load_lora_weights(\"{out_dir.name}\")\nimage = pipe(prompt, num_inference_steps=4, guidance_scale=1.0).images[0]")
+    elif lora:
+        usage = f"pipe = {pipe_cls}.from_pretrained(TEACHER)\npipe.load_lora_weights(\"{out_dir.name}\")"
+    else:
+        usage = f"pipe = DiffusionPipeline.from_pretrained(\"{out_dir.name}\")\nimage = pipe(prompt, num_inference_steps=4).images[0]"
+    lines = [f"# {cfg.__class__.__name__.removesuffix('Config')} student of `{cfg.pretrained_teacher_model}`", "",
+             f"Distilled with stepdistill from a `{pipe_cls}` teacher ({teacher.prediction_type} prediction).", "",
+             "```python", usage, "```", "", "## Training options", "",
+             *[f"- `{k}`: {v}" for k, v in sorted(options.items())]]
+    (out_dir / "README.md").write_text("\n".join(lines) + "\n")

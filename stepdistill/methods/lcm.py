@@ -1,0 +1,209 @@
+"""Latent consistency distillation (Luo et al. 2023), full model or LoRA, for UNet and DiT teachers.
+
+Per step: noise a latent to t_{n+k} on the skipping grid, let the guided teacher take one DDIM step
+(flow: Euler) to t_n, and pull the student's consistency output at t_{n+k} towards the target network's
+output at t_n (LCM eq. 8-9). In LoRA mode the teacher is the same network with its adapter disabled.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from accelerate import Accelerator
+from diffusers import LatentConsistencyModelPipeline, LCMScheduler, UNet2DConditionModel
+
+from stepdistill.errors import ConfigError
+from stepdistill.methods.common import LatentPromptData, adapters_disabled, add_lora, write_validation
+from stepdistill.methods.export import write_lora, write_model_card
+from stepdistill.solvers import (consistency_output, ddim_step, guidance_scale_embedding, lcm_inference_timesteps,
+                                 lcm_skip_timesteps, sample_consistency)
+from stepdistill.teacher import TeacherWrapper
+from stepdistill.training.loop import LoopConfig
+from stepdistill.training.step_random import StepRandom
+
+
+@dataclass
+class LCMConfig(LoopConfig):
+    """LCM / LCM-LoRA options; names follow diffusers' LCM distillation examples where they mean the same."""
+
+    pretrained_teacher_model: str = "tiny-sd"  # shipped teacher name or diffusers pipeline folder
+    dataset: str | None = None  # emoji32 (default), image folder with metadata.jsonl, webdataset shards or .npz
+    resolution: int = 32  # training image size (must match the teacher VAE's sample_size)
+    use_lora: bool = True  # LCM-LoRA (True) or full-model LCM with a guidance embedding (False)
+    lora_rank: int = 16  # LoRA rank
+    lora_alpha: float = 16.0  # LoRA alpha (scale = alpha / rank)
+    num_ddim_timesteps: int = 50  # N of the skipping grid, k = T / N
+    w_min: float = 3.0  # guidance weight range sampled per example; teacher CFG scale is w + 1
+    w_max: float = 3.0  # (LoRA students cannot see w, so keep the range narrow there)
+    time_cond_proj_dim: int = 256  # full UNet mode: size of the guidance (w) embedding
+    loss_type: Literal["l2", "huber"] = "huber"  # distance between student and target outputs
+    huber_c: float = 0.001  # pseudo-Huber c
+    timestep_scaling_factor: float = 10.0  # boundary-condition timestep scaling (LCMScheduler's timestep_scaling)
+    ema_decay: float = 0.95  # target network EMA decay (full mode, or LoRA with use_target_network)
+    use_target_network: bool = False  # LoRA mode: EMA target copy of the adapter instead of the student itself
+    gradient_checkpointing: bool = False  # trade compute for memory on big teachers
+    enable_xformers_memory_efficient_attention: bool = False  # GPU only
+    max_sequence_length: int = 8  # SD3-class teachers: zero-T5 tokens (testbed DiT: 8)
+    validation_prompts: list[str] = field(default_factory=lambda: ["hamster face", "red apple", "rocket", "sun"])
+
+    def validate(self) -> None:
+        if self.w_min > self.w_max or self.w_min < 0:
+            raise ConfigError(f"w_min={self.w_min}, w_max={self.w_max}: need 0 <= w_min <= w_max")
+        if self.use_lora and self.lora_rank < 1:
+            raise ConfigError(f"lora_rank={self.lora_rank} must be at least 1")
+        if not 1 <= self.num_ddim_timesteps <= 1000:
+            raise ConfigError(f"num_ddim_timesteps={self.num_ddim_timesteps} is out of range; allowed 1..1000")
+
+
+def consistency_grid(teacher: TeacherWrapper, num_ddim_timesteps: int) -> torch.Tensor:
+    """Ascending training grid: LCM's k-1, ..., T-1 for vp teachers; k, ..., T for flow (so T is pure noise)."""
+    grid = lcm_skip_timesteps(num_ddim_timesteps, teacher.schedule.num_train_timesteps)
+    return grid + 1 if teacher.schedule.kind == "flow" else grid
+
+
+def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
+    """sqrt(|a - b|^2 + c^2) - c per sample (Song & Dhariwal 2023), mean over the batch."""
+    return (((a.float() - b.float()) ** 2).flatten(1).sum(1) + c ** 2).sqrt().sub(c).mean()
+
+
+class LCMMethod:
+    """The LCM loss and export for the shared loop."""
+
+    name = "lcm"
+
+    def __init__(self, cfg: LCMConfig, teacher: TeacherWrapper, data: LatentPromptData):
+        self.cfg, self.teacher, self.data = cfg, teacher, data
+        self.export_name = "lora" if cfg.use_lora else "pipeline"
+        self.grid = consistency_grid(teacher, cfg.num_ddim_timesteps)
+        self.k = teacher.schedule.num_train_timesteps // cfg.num_ddim_timesteps
+        base = teacher.model
+        torch.manual_seed(cfg.seed)  # LoRA initialisation is random: seed it so runs (and resumes) agree
+        self.w_embedding = not cfg.use_lora and not teacher.is_dit
+        if cfg.use_lora:
+            self.lora_config = add_lora(base, cfg.lora_rank, cfg.lora_alpha, teacher.is_dit)
+            self.student_net = base
+        else:
+            self.student_net = _full_student(base, cfg.time_cond_proj_dim if self.w_embedding else None)
+        if cfg.gradient_checkpointing:
+            self.student_net.enable_gradient_checkpointing()
+        self.target_net = None
+        if not cfg.use_lora or cfg.use_target_network:
+            self.target_net = copy.deepcopy(self.student_net).requires_grad_(False)
+
+    # --- shared-loop interface -------------------------------------------------------------------------
+    def trainable_module(self) -> torch.nn.Module:
+        return self.student_net
+
+    def num_items(self) -> int:
+        return len(self.data)
+
+    def make_batch(self, indices: list[int], device: torch.device) -> dict[str, Any]:
+        latents, embeds = self.data.batch(indices, device)
+        return {"latents": latents, "embeds": embeds}
+
+    def compute_loss(self, model: torch.nn.Module, batch: dict[str, Any], rand: StepRandom):
+        x0, embeds = batch["latents"], batch["embeds"]
+        schedule = self.teacher.schedule
+        t = self.grid.to(x0.device)[rand.randint(0, len(self.grid))]
+        t_prev = (t - self.k).clamp_min(0)
+        alpha, sigma = schedule.alpha_sigma(t)
+        noise = rand.randn(*x0.shape[1:])
+        x_t = alpha.view(-1, 1, 1, 1).to(x0) * x0 + sigma.view(-1, 1, 1, 1).to(x0) * noise
+        w = self.cfg.w_min + (self.cfg.w_max - self.cfg.w_min) * rand.rand()
+        extra = self._w_kwargs(w)
+        student = self.teacher.with_model(model)
+        prediction = consistency_output(x_t, student.predict(x_t, t, embeds, **extra), t, self.cfg.timestep_scaling_factor)
+        with torch.no_grad():
+            target = self._target(x_t, t_prev, t, embeds, w, extra)
+        if self.cfg.loss_type == "l2":
+            loss = torch.nn.functional.mse_loss(prediction.float(), target.float())
+        else:
+            loss = pseudo_huber(prediction, target, self.cfg.huber_c)
+        return loss, {}
+
+    def _w_kwargs(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"timestep_cond": guidance_scale_embedding(w, self.cfg.time_cond_proj_dim).to(w.device)} if self.w_embedding else {}
+
+    def _target(self, x_t, t_prev, t, embeds, w, extra) -> torch.Tensor:
+        """One guided teacher solver step, then the target network's consistency output at t_prev."""
+        with adapters_disabled(self.teacher.model, self.cfg.use_lora):
+            teacher_pred = self.teacher.predict(x_t, t, embeds, guidance_scale=w + 1)
+        x_prev = ddim_step(teacher_pred, *[v.to(x_t.device) for v in self.teacher.schedule.alpha_sigma(t_prev)])
+        target_net = self.target_net if self.target_net is not None else self.teacher.model
+        target_pred = self.teacher.with_model(target_net).predict(x_prev, t_prev, embeds, **extra)
+        return consistency_output(x_prev, target_pred, t_prev, self.cfg.timestep_scaling_factor)
+
+    @torch.no_grad()
+    def after_optimizer_step(self, model: torch.nn.Module) -> None:
+        if self.target_net is not None:
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            targets = [p for p, q in zip(self.target_net.parameters(), model.parameters()) if q.requires_grad]
+            torch._foreach_lerp_(targets, trainable, 1 - self.cfg.ema_decay)
+
+    def checkpoint_objects(self) -> list[Any]:
+        return [self.target_net] if self.target_net is not None else []
+
+    # --- sampling, validation, export ----------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, model: torch.nn.Module, prompts: list[str], steps: int, noise: torch.Tensor,
+               guidance_scale: float | None = None, seed: int = 0) -> torch.Tensor:
+        """Multistep consistency sampling of the student; latents out."""
+        student = self.teacher.with_model(model)
+        embeds = student.encode_prompts(prompts)
+        w = torch.full((len(prompts),), self.cfg.w_min if guidance_scale is None else guidance_scale - 1)
+        extra = self._w_kwargs(w)
+        timesteps = lcm_inference_timesteps(steps, self.cfg.num_ddim_timesteps, self.teacher.schedule.num_train_timesteps)
+        if self.teacher.schedule.kind == "flow":
+            timesteps = timesteps + 1
+        was_training = model.training
+        model.eval()
+        out = sample_consistency(lambda x, t: student.predict(x, t, embeds, **extra), noise, timesteps, self.teacher.schedule,
+                                 torch.Generator().manual_seed(seed), self.cfg.timestep_scaling_factor)
+        model.train(was_training)
+        return out
+
+    def validate(self, model: torch.nn.Module, step: int, out_dir: Path, accelerator: Accelerator) -> None:
+        from stepdistill.sampling import decode, initial_noise
+
+        prompts = self.cfg.validation_prompts
+        noise = initial_noise(self.teacher, len(prompts), seed=0)
+        grids = {k: decode(self.teacher, self.sample(model, prompts, k, noise)) for k in (1, 2, 4, 8)}
+        write_validation(grids, step, out_dir, accelerator)
+
+    def export(self, model: torch.nn.Module, out_dir: Path) -> None:
+        if self.cfg.use_lora:
+            write_lora(model, self.teacher, out_dir, scheduler="LCMScheduler" if not self.teacher.is_dit else None)
+        else:
+            self._export_pipeline(self.target_net, out_dir)
+        write_model_card(out_dir, self.cfg, self.teacher, lora=self.cfg.use_lora)
+
+    def _export_pipeline(self, net: torch.nn.Module, out_dir: Path) -> None:
+        """Full student as a pipeline folder with its few-step scheduler (UNet: LatentConsistencyModelPipeline)."""
+        pipe = self.teacher.pipe
+        scheduler = LCMScheduler.from_config(pipe.scheduler.config, timestep_scaling=self.cfg.timestep_scaling_factor,
+                                             original_inference_steps=self.cfg.num_ddim_timesteps)
+        if self.teacher.is_dit:
+            export = copy.copy(pipe)
+            export.register_modules(transformer=net)
+        else:
+            export = LatentConsistencyModelPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                                                    unet=net, scheduler=scheduler, safety_checker=None,
+                                                    feature_extractor=None, requires_safety_checker=False)
+        export.save_pretrained(out_dir, safe_serialization=True)
+        (out_dir / "stepdistill_student.json").write_text(json.dumps({"method": "lcm", "guidance_scale": self.cfg.w_min + 1}))
+
+
+def _full_student(teacher_net: torch.nn.Module, time_cond_proj_dim: int | None) -> torch.nn.Module:
+    """A trainable copy of the teacher; UNets get a guidance embedding input (zero-initialised rows are new)."""
+    if time_cond_proj_dim is None:
+        return copy.deepcopy(teacher_net).requires_grad_(True).float()
+    student = UNet2DConditionModel.from_config(teacher_net.config, time_cond_proj_dim=time_cond_proj_dim)
+    missing, _ = student.load_state_dict(teacher_net.state_dict(), strict=False)
+    with torch.no_grad():
+        student.time_embedding.cond_proj.weight.zero_()  # starts exactly as the teacher
+    assert all("cond_proj" in name for name in missing), missing
+    return student.requires_grad_(True).float()

@@ -1,0 +1,107 @@
+"""LCM / LCM-LoRA trainer mechanics on a small random teacher: export formats, sampler equivalence, resume."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DiffusionPipeline, LatentConsistencyModelPipeline, LCMScheduler, StableDiffusion3Pipeline, StableDiffusionPipeline
+
+from stepdistill.data.emoji32 import load_emoji32
+from stepdistill.errors import ConfigError
+from stepdistill.methods.common import LatentPromptData
+from stepdistill.methods.lcm import LCMConfig, LCMMethod
+from stepdistill.teacher import load_teacher
+from stepdistill.training.loop import run_training
+
+
+@pytest.fixture(scope="module")
+def random_teachers(tmp_path_factory, sd_pipe, sd3_pipe) -> Path:
+    root = tmp_path_factory.mktemp("teachers")
+    sd_pipe.save_pretrained(root / "sd")
+    sd3_pipe.save_pretrained(root / "sd3")
+    return root
+
+
+def small_data():
+    data = load_emoji32()
+    data.images, data.captions = data.images[:16], data.captions[:16]
+    return data
+
+
+def train(teacher_dir: Path, out: Path, **overrides) -> LCMMethod:
+    options = dict(pretrained_teacher_model=str(teacher_dir), output_dir=str(out), max_train_steps=3, train_batch_size=4,
+                   learning_rate=1e-2, lr_warmup_steps=0, report_to="none", validation_steps=0, checkpointing_steps=2,
+                   lora_rank=4, lora_alpha=8.0, w_min=2.0, w_max=6.0)
+    options.update(overrides)
+    cfg = LCMConfig(**options)
+    cfg.validate()
+    teacher = load_teacher(teacher_dir, max_sequence_length=8)
+    method = LCMMethod(cfg, teacher, LatentPromptData(teacher, small_data()))
+    run_training(method, cfg)
+    return method
+
+
+@pytest.mark.parametrize("kind,cls", [("sd", StableDiffusionPipeline), ("sd3", StableDiffusion3Pipeline)])
+def test_lora_export_loads_into_fresh_pipeline_with_the_trained_scale(random_teachers, tmp_path, kind, cls):
+    method = train(random_teachers / kind, tmp_path / "run")  # alpha 8 != rank 4
+    lora_dir = tmp_path / "run" / "lora"
+    extra = {"text_encoder_3": None, "tokenizer_3": None} if kind == "sd3" else {}
+    fresh = cls.from_pretrained(random_teachers / kind, dtype=torch.float32, **extra)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    teacher = method.teacher
+    embeds = teacher.encode_prompts(["rocket", "sun"])
+    t = torch.tensor([999, 500])
+    plain = teacher.with_model(fresh.unet if kind == "sd" else fresh.transformer).predict(x, t, embeds).eps
+    fresh.load_lora_weights(str(lora_dir))
+    loaded = teacher.with_model(fresh.unet if kind == "sd" else fresh.transformer).predict(x, t, embeds).eps
+    trained = teacher.with_model(method.student_net).predict(x, t, embeds).eps
+    torch.testing.assert_close(loaded, trained, atol=1e-5, rtol=1e-4)
+    assert (loaded - plain).abs().max() > 1e-3  # the LoRA changes the output
+    meta = json.loads((lora_dir / "stepdistill_student.json").read_text())
+    assert meta.get("scheduler") == ("LCMScheduler" if kind == "sd" else None)
+    assert "load_lora_weights" in (lora_dir / "README.md").read_text()
+    fresh.fuse_lora()
+    fused = teacher.with_model(fresh.unet if kind == "sd" else fresh.transformer).predict(x, t, embeds).eps
+    torch.testing.assert_close(fused, trained, atol=1e-4, rtol=1e-3)
+
+
+def test_full_student_pipeline_matches_our_sampler(random_teachers, tmp_path):
+    method = train(random_teachers / "sd", tmp_path / "run", use_lora=False)
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "run" / "pipeline", dtype=torch.float32)
+    assert isinstance(pipe, LatentConsistencyModelPipeline) and isinstance(pipe.scheduler, LCMScheduler)
+    assert pipe.unet.config.time_cond_proj_dim == 256
+    pipe.set_progress_bar_config(disable=True)
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    prompts = ["rocket", "sun"]
+    ours = method.sample(method.target_net, prompts, 4, noise, guidance_scale=5.0, seed=7)
+    theirs = pipe(prompts, num_inference_steps=4, guidance_scale=5.0, latents=noise, output_type="latent",
+                  generator=torch.Generator().manual_seed(7)).images
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_lcm_resume_reproduces_uninterrupted_run(random_teachers, tmp_path):
+    from safetensors.torch import load_file
+
+    train(random_teachers / "sd", tmp_path / "a", max_train_steps=4, use_target_network=True)
+    train(random_teachers / "sd", tmp_path / "b", max_train_steps=2, use_target_network=True, checkpoints_total_limit=None)
+    # continue the same 4-step run from its step-2 checkpoint (same LR schedule as the straight run)
+    import shutil
+
+    shutil.rmtree(tmp_path / "b" / "lora")
+    train(random_teachers / "sd", tmp_path / "b", max_train_steps=4, use_target_network=True, resume_from_checkpoint="latest")
+    a = load_file(tmp_path / "a" / "lora" / "pytorch_lora_weights.safetensors")
+    b = load_file(tmp_path / "b" / "lora" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (dict(w_min=5.0, w_max=2.0), "w_min=5.0, w_max=2.0"),
+    (dict(lora_rank=0), "lora_rank=0 must be at least 1"),
+    (dict(num_ddim_timesteps=0), "num_ddim_timesteps=0 is out of range"),
+])
+def test_bad_lcm_options(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        LCMConfig(**overrides).validate()
