@@ -97,7 +97,9 @@ def make_accelerator(cfg: LoopConfig, out: Path) -> Accelerator:
     """Accelerator with the tracker and precision the config asks for."""
     log_with = None if cfg.report_to == "none" else cfg.report_to
     project = ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs"))
-    return Accelerator(mixed_precision=cfg.mixed_precision, log_with=log_with, project_config=project)
+    # cpu=True on machines without CUDA makes torchrun / accelerate multi-process runs use gloo (MULTI_CPU)
+    return Accelerator(mixed_precision=cfg.mixed_precision, log_with=log_with, project_config=project,
+                       cpu=not torch.cuda.is_available())
 
 
 def export_atomically(method: TrainingMethod, model: torch.nn.Module, out: Path) -> Path:
@@ -174,7 +176,8 @@ def _train_steps(method, cfg, accelerator, model, optimizer, lr_scheduler, start
                                          f"(max_nonfinite_steps={cfg.max_nonfinite_steps}); lower learning_rate or check the data")
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
-        logs = {"loss": float(loss.detach()), "lr": lr_scheduler.get_last_lr()[0], "skipped_steps": skipped, **logs}
+        global_loss = accelerator.reduce(loss.detach(), reduction="mean")  # same number on 1 or N processes
+        logs = {"loss": float(global_loss), "lr": lr_scheduler.get_last_lr()[0], "skipped_steps": skipped, **logs}
         progress.set_postfix(loss=f"{logs['loss']:.4f}")
         accelerator.log(logs, step=done)
         if done % cfg.checkpointing_steps == 0 or done == cfg.max_train_steps:
