@@ -46,6 +46,7 @@ class LoopConfig:
     validation_steps: int = 500  # write validation samples every N steps (0: never)
     max_nonfinite_steps: int = 5  # stop after this many consecutive non-finite losses/gradients
     num_threads: int = 0  # torch CPU threads per process (0: torch's default)
+    use_8bit_adam: bool = False  # bitsandbytes AdamW8bit (CUDA only) to cut optimizer memory on big teachers
 
     def validate_loop(self) -> None:
         """Reject values the loop cannot run with."""
@@ -114,6 +115,20 @@ def export_atomically(method: TrainingMethod, model: torch.nn.Module, out: Path)
     return final
 
 
+def make_optimizer(cfg: LoopConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW, or bitsandbytes' 8-bit AdamW when asked (with a clear error where it cannot run)."""
+    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay)
+    if not cfg.use_8bit_adam:
+        return torch.optim.AdamW(params, **kwargs)
+    if not torch.cuda.is_available():
+        raise ConfigError("use_8bit_adam=true needs a CUDA GPU (bitsandbytes); this machine has none")
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ConfigError("use_8bit_adam=true needs bitsandbytes; pip install bitsandbytes") from None
+    return bnb.optim.AdamW8bit(params, **kwargs)
+
+
 def run_training(method: TrainingMethod, cfg: LoopConfig, tracker_config: dict[str, Any] | None = None,
                  accelerator: Accelerator | None = None) -> dict[str, float]:
     """Train ``method`` to ``cfg.max_train_steps``, resuming if asked; returns the last logged values."""
@@ -124,8 +139,7 @@ def run_training(method: TrainingMethod, cfg: LoopConfig, tracker_config: dict[s
     accelerator = accelerator or make_accelerator(cfg, out)
     model = method.trainable_module()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.adam_weight_decay)
+    optimizer = make_optimizer(cfg, params)
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=cfg.max_train_steps * accelerator.num_processes)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
