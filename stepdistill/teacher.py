@@ -45,6 +45,11 @@ class PromptEmbeds:
         pooled = None if items[0].pooled is None else torch.cat([i.pooled for i in items])
         return PromptEmbeds(torch.cat([i.hidden for i in items]), pooled)
 
+    def where(self, mask: torch.Tensor, other: PromptEmbeds) -> PromptEmbeds:
+        """Rows of ``other`` where ``mask`` (B,) is true, else own rows (e.g. caption dropout)."""
+        pick = lambda a, b: None if a is None else torch.where(mask.view(-1, *[1] * (a.dim() - 1)), b.to(a), a)  # noqa: E731
+        return PromptEmbeds(pick(self.hidden, other.hidden), pick(self.pooled, other.pooled))
+
     def expand(self, batch: int) -> PromptEmbeds:
         """Repeat a single-row embedding (e.g. the empty prompt) to ``batch`` rows."""
         return self.index([0] * batch)

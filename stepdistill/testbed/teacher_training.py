@@ -19,6 +19,8 @@ from diffusers.training_utils import EMAModel
 from transformers import CLIPTokenizer
 
 from stepdistill.data.emoji32 import ImageCaptionSet
+from stepdistill.methods.common import LatentPromptData
+from stepdistill.teacher import Prediction, TeacherWrapper, prediction_to_output
 from stepdistill.testbed import tiny_models
 from stepdistill.training.step_random import StepRandom
 from stepdistill.utils.images import save_grid
@@ -92,56 +94,36 @@ class DenoiserMethod:
         self.denoiser.train().requires_grad_(True)
         self.ema = EMAModel(self.denoiser.parameters(), decay=ema_decay, model_cls=type(self.denoiser),
                             model_config=self.denoiser.config)
-        self.latents = encode_latents(vae, data, shifted=kind == "sd3")
-        self.cond, self.pooled, self.uncond, self.uncond_pooled = self._encode_captions(data.captions)
-
-    @torch.no_grad()
-    def _encode_captions(self, captions: list[str]):
-        if self.kind == "sd":
-            cond, uncond = self.pipe.encode_prompt(captions, "cpu", 1, True, [""] * len(captions))
-            return cond, None, uncond[:1], None
-        cond, uncond, pooled, uncond_pooled = self.pipe.encode_prompt(
-            captions, captions, None, do_classifier_free_guidance=True, negative_prompt=[""] * len(captions),
-            negative_prompt_2=[""] * len(captions), max_sequence_length=TESTBED_SD3_MAX_SEQUENCE_LENGTH)
-        return cond, pooled, uncond[:1], uncond_pooled[:1]
+        self.wrapper = TeacherWrapper(self.pipe, max_sequence_length=TESTBED_SD3_MAX_SEQUENCE_LENGTH)
+        self.data = LatentPromptData(self.wrapper, data)
 
     def trainable_module(self) -> torch.nn.Module:
         return self.denoiser
 
     def num_items(self) -> int:
-        return len(self.latents)
+        return len(self.data)
 
     def make_batch(self, indices: list[int], device: torch.device) -> dict[str, Any]:
-        batch = {"latents": self.latents[indices].to(device), "cond": self.cond[indices].to(device)}
-        if self.pooled is not None:
-            batch["pooled"] = self.pooled[indices].to(device)
-        return batch
+        latents, embeds = self.data.batch(indices, device)
+        return {"latents": latents, "embeds": embeds}
 
-    def _drop_captions(self, batch: dict[str, Any], rand: StepRandom) -> tuple[torch.Tensor, torch.Tensor | None]:
-        drop = rand.rand() < self.caption_dropout
-        cond = torch.where(drop[:, None, None], self.uncond.to(batch["cond"]), batch["cond"])
-        pooled = None
-        if self.pooled is not None:
-            pooled = torch.where(drop[:, None], self.uncond_pooled.to(batch["pooled"]), batch["pooled"])
-        return cond, pooled
+    def _timesteps(self, rand: StepRandom) -> torch.Tensor:
+        """Uniform DDPM timesteps, or logit-normal(0, 1) flow sigmas as timesteps (SD3 paper, sec. 3.1)."""
+        if self.kind == "sd":
+            return rand.randint(0, self.wrapper.schedule.num_train_timesteps)
+        return torch.sigmoid(rand.randn()) * self.wrapper.schedule.num_train_timesteps
 
     def compute_loss(self, model, batch, rand: StepRandom):
-        x0 = batch["latents"]
+        x0, embeds = batch["latents"], batch["embeds"]
         noise = rand.randn(*x0.shape[1:])
-        cond, pooled = self._drop_captions(batch, rand)
-        if self.kind == "sd":
-            t = rand.randint(0, self.pipe.scheduler.config.num_train_timesteps)
-            alphas = self.pipe.scheduler.alphas_cumprod.to(x0.device)[t].view(-1, 1, 1, 1)
-            noisy = alphas.sqrt() * x0 + (1 - alphas).sqrt() * noise
-            pred = model(noisy, t, encoder_hidden_states=cond).sample
-            target = noise
-        else:
-            sigma = torch.sigmoid(rand.randn()).view(-1, 1, 1, 1)  # logit-normal(0, 1) sigma, SD3 paper sec. 3.1
-            noisy = (1 - sigma) * x0 + sigma * noise
-            pred = model(noisy, timestep=sigma.flatten() * 1000, encoder_hidden_states=cond, pooled_projections=pooled).sample
-            target = noise - x0
-        loss = F.mse_loss(pred.float(), target)
-        return loss, {}
+        drop = rand.rand() < self.caption_dropout  # caption dropout teaches the unconditional model for CFG
+        embeds = embeds.where(drop, self.wrapper.empty_prompt(len(x0)).to(x0.device))
+        t = self._timesteps(rand)
+        alpha, sigma = self.wrapper.schedule.alpha_sigma(t)
+        a, s = alpha.to(x0).view(-1, 1, 1, 1), sigma.to(x0).view(-1, 1, 1, 1)
+        output = self.wrapper.with_model(model).raw_output(a * x0 + s * noise, t, embeds)
+        target = prediction_to_output(Prediction(x0, noise), a, s, self.wrapper.prediction_type)
+        return F.mse_loss(output, target), {}
 
     def after_optimizer_step(self, model) -> None:
         self.ema.step(model.parameters())
@@ -194,13 +176,3 @@ def _untrained_pipeline(kind: str, vae: AutoencoderKL, tokenizer: CLIPTokenizer)
         text_encoder=tiny_models.tiny_clip_text_with_projection(tokenizer, 64, seed=2), tokenizer=tokenizer,
         text_encoder_2=tiny_models.tiny_clip_text_with_projection(tokenizer, 64, seed=3), tokenizer_2=tokenizer,
         text_encoder_3=None, tokenizer_3=None)
-
-
-@torch.no_grad()
-def encode_latents(vae: AutoencoderKL, data: ImageCaptionSet, shifted: bool) -> torch.Tensor:
-    """VAE posterior means, scaled (and shifted for SD3) the way the pipelines decode them."""
-    pixels = data.pixel_tensor()
-    latents = torch.cat([vae.encode(chunk).latent_dist.mode() for chunk in pixels.split(256)])
-    if shifted:
-        latents = latents - vae.config.shift_factor
-    return latents * vae.config.scaling_factor
