@@ -39,7 +39,11 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         return value
     if origin in (list, tuple):
         (item,) = typing.get_args(hint)[:1]
-        items = value.split(",") if isinstance(value, str) else value
+        if isinstance(value, str):
+            text = value.strip().removeprefix("[").removesuffix("]")  # accept "1,2,4" and "[1,2,4]"
+            items = [v.strip() for v in text.split(",") if v.strip()]
+        else:
+            items = value
         if not isinstance(items, (list, tuple)):
             raise ConfigError(f"{name}={value!r} must be a list of {item.__name__}")
         return [_coerce(name, v, item) for v in items]
