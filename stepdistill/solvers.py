@@ -86,11 +86,21 @@ def sampling_grid(schedule: NoiseSchedule, num_steps: int, spacing: str = "trail
     return torch.cat([steps, torch.tensor([-1])]).float()
 
 
-def halving_pairs(student_steps: int, schedule: NoiseSchedule, spacing: str = "trailing") -> tuple[torch.Tensor, torch.Tensor]:
-    """Progressive distillation grids (Salimans & Ho 2022, alg. 2): the student's N-step grid and the
-    teacher's 2N-step grid, so that student step i spans teacher steps 2i and 2i+1."""
-    student = sampling_grid(schedule, student_steps, spacing)
-    teacher = sampling_grid(schedule, 2 * student_steps, spacing)
+def halving_pairs(student_steps: int, schedule: NoiseSchedule) -> tuple[torch.Tensor, torch.Tensor]:
+    """Progressive distillation grids (Salimans & Ho 2022, alg. 2): the student's N-step sampling grid and a
+    2N-step teacher grid in which student step i spans teacher steps 2i and 2i+1.
+
+    vp: trailing grids of N and 2N steps nest exactly, and the student's is what ``DDIMScheduler`` (trailing)
+    samples. Flow: diffusers' N-step Euler grid does not nest in its 2N-step one, so the teacher grid is the
+    student's with each interval's midpoint inserted.
+    """
+    student = sampling_grid(schedule, student_steps, "trailing")
+    if schedule.kind == "flow":
+        middle = (student[:-1] + student[1:]) / 2
+        return student, torch.cat([torch.stack([student[:-1], middle], 1).flatten(), student[-1:]])
+    teacher = sampling_grid(schedule, 2 * student_steps, "trailing")
+    if not torch.equal(teacher[::2], student):
+        raise ConfigError(f"trailing grids of {student_steps} and {2 * student_steps} steps do not nest; choose another step count")
     return student, teacher
 
 

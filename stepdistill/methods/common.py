@@ -1,11 +1,13 @@
 """Pieces every distillation method shares: cached latents and prompts, LoRA students, validation grids."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
+from diffusers import UNet2DConditionModel
 from peft import LoraConfig
 
 from stepdistill.data.emoji32 import ImageCaptionSet
@@ -88,3 +90,15 @@ def write_validation(images_by_steps: dict[int, torch.Tensor], step: int, out_di
 
             tracker.writer.add_image("validation", np.asarray(grid_image(rows, nrow, 2)), step, dataformats="HWC")
     return path
+
+
+def full_student(teacher_net: torch.nn.Module, time_cond_proj_dim: int | None) -> torch.nn.Module:
+    """A trainable copy of the teacher; UNets get a guidance embedding input (zero-initialised rows are new)."""
+    if time_cond_proj_dim is None:
+        return copy.deepcopy(teacher_net).requires_grad_(True).float()
+    student = UNet2DConditionModel.from_config(teacher_net.config, time_cond_proj_dim=time_cond_proj_dim)
+    missing, _ = student.load_state_dict(teacher_net.state_dict(), strict=False)
+    with torch.no_grad():
+        student.time_embedding.cond_proj.weight.zero_()  # starts exactly as the teacher
+    assert all("cond_proj" in name for name in missing), missing
+    return student.requires_grad_(True).float()

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,19 @@ from peft.utils import get_peft_model_state_dict
 from stepdistill.teacher import TeacherWrapper
 
 STUDENT_META = "stepdistill_student.json"
+
+
+def replace_folder(final: Path, write: Callable[[Path], None]) -> Path:
+    """Let ``write`` fill a temporary sibling, then swap it into place: a crash never leaves half a folder."""
+    tmp = final.parent / f".tmp-{final.name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    write(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
 
 
 def write_lora(model: torch.nn.Module, teacher: TeacherWrapper, out_dir: Path, scheduler: str | None) -> None:
@@ -37,7 +52,8 @@ def write_lora(model: torch.nn.Module, teacher: TeacherWrapper, out_dir: Path, s
     (out_dir / STUDENT_META).write_text(json.dumps(meta, indent=2))
 
 
-def write_model_card(out_dir: Path, cfg: Any, teacher: TeacherWrapper, lora: bool) -> None:
+def write_model_card(out_dir: Path, cfg: Any, teacher: TeacherWrapper, lora: bool, steps: int = 4,
+                     guidance_scale: float | None = None) -> None:
     """A README.md next to the weights saying what they are and how to load them."""
     options = {k: v for k, v in dataclasses.asdict(cfg).items() if isinstance(v, (int, float, str, bool))}
     pipe_cls = type(teacher.pipe).__name__
@@ -47,7 +63,9 @@ def write_model_card(out_dir: Path, cfg: Any, teacher: TeacherWrapper, lora: boo
     elif lora:
         usage = f"pipe = {pipe_cls}.from_pretrained(TEACHER)\npipe.load_lora_weights(\"{out_dir.name}\")"
     else:
-        usage = f"pipe = DiffusionPipeline.from_pretrained(\"{out_dir.name}\")\nimage = pipe(prompt, num_inference_steps=4).images[0]"
+        guidance = "" if guidance_scale is None else f", guidance_scale={guidance_scale:g}"
+        usage = (f"pipe = DiffusionPipeline.from_pretrained(\"{out_dir.name}\")\n"
+                 f"image = pipe(prompt, num_inference_steps={steps}{guidance}).images[0]")
     lines = [f"# {cfg.__class__.__name__.removesuffix('Config')} student of `{cfg.pretrained_teacher_model}`", "",
              f"Distilled with stepdistill from a `{pipe_cls}` teacher ({teacher.prediction_type} prediction).", "",
              "```python", usage, "```", "", "## Training options", "",

@@ -14,10 +14,10 @@ from typing import Any, Literal
 
 import torch
 from accelerate import Accelerator
-from diffusers import LatentConsistencyModelPipeline, LCMScheduler, UNet2DConditionModel
+from diffusers import LatentConsistencyModelPipeline, LCMScheduler
 
 from stepdistill.errors import ConfigError
-from stepdistill.methods.common import LatentPromptData, adapters_disabled, add_lora, write_validation
+from stepdistill.methods.common import LatentPromptData, adapters_disabled, add_lora, full_student, write_validation
 from stepdistill.methods.export import write_lora, write_model_card
 from stepdistill.solvers import (consistency_output, ddim_step, guidance_scale_embedding, lcm_inference_timesteps,
                                  lcm_skip_timesteps, sample_consistency)
@@ -87,7 +87,7 @@ class LCMMethod:
             self.lora_config = add_lora(base, cfg.lora_rank, cfg.lora_alpha, teacher.is_dit)
             self.student_net = base
         else:
-            self.student_net = _full_student(base, cfg.time_cond_proj_dim if self.w_embedding else None)
+            self.student_net = full_student(base, cfg.time_cond_proj_dim if self.w_embedding else None)
         if cfg.gradient_checkpointing:
             self.student_net.enable_gradient_checkpointing()
         self.target_net = None
@@ -196,14 +196,3 @@ class LCMMethod:
         export.save_pretrained(out_dir, safe_serialization=True)
         (out_dir / "stepdistill_student.json").write_text(json.dumps({"method": "lcm", "guidance_scale": self.cfg.w_min + 1}))
 
-
-def _full_student(teacher_net: torch.nn.Module, time_cond_proj_dim: int | None) -> torch.nn.Module:
-    """A trainable copy of the teacher; UNets get a guidance embedding input (zero-initialised rows are new)."""
-    if time_cond_proj_dim is None:
-        return copy.deepcopy(teacher_net).requires_grad_(True).float()
-    student = UNet2DConditionModel.from_config(teacher_net.config, time_cond_proj_dim=time_cond_proj_dim)
-    missing, _ = student.load_state_dict(teacher_net.state_dict(), strict=False)
-    with torch.no_grad():
-        student.time_embedding.cond_proj.weight.zero_()  # starts exactly as the teacher
-    assert all("cond_proj" in name for name in missing), missing
-    return student.requires_grad_(True).float()

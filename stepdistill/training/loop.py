@@ -6,7 +6,6 @@ so progressive distillation, LCM, LADD and the testbed teachers all checkpoint a
 from __future__ import annotations
 
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -18,6 +17,7 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from stepdistill.errors import ConfigError, StepdistillError
+from stepdistill.methods.export import replace_folder
 from stepdistill.training.checkpoint import list_checkpoints, resolve_resume, save_checkpoint
 from stepdistill.training.step_random import StepRandom, batch_indices
 
@@ -105,14 +105,7 @@ def make_accelerator(cfg: LoopConfig, out: Path) -> Accelerator:
 
 def export_atomically(method: TrainingMethod, model: torch.nn.Module, out: Path) -> Path:
     """Write the final result into a temporary folder and rename it into place only when complete."""
-    final, tmp = out / method.export_name, out / f".tmp-{method.export_name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    method.export(model, tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    return final
+    return replace_folder(out / method.export_name, lambda tmp: method.export(model, tmp))
 
 
 def make_optimizer(cfg: LoopConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -194,6 +187,9 @@ def _train_steps(method, cfg, accelerator, model, optimizer, lr_scheduler, start
         logs = {"loss": float(global_loss), "lr": lr_scheduler.get_last_lr()[0], "skipped_steps": skipped, **logs}
         progress.set_postfix(loss=f"{logs['loss']:.4f}")
         accelerator.log(logs, step=done)
+        on_step_end = getattr(method, "on_step_end", None)  # optional hook, before the checkpoint so it is saved
+        if on_step_end is not None:
+            on_step_end(model, done, out, accelerator)
         if done % cfg.checkpointing_steps == 0 or done == cfg.max_train_steps:
             save_checkpoint(accelerator, out, done, method.name, cfg.checkpoints_total_limit)
         if cfg.validation_steps and (done % cfg.validation_steps == 0 or done == cfg.max_train_steps) and accelerator.is_main_process:

@@ -13,6 +13,7 @@ class StepRandom:
     """Per-step random draws for the local slice of a global batch."""
 
     def __init__(self, seed: int, step: int, rank: int, world_size: int, local_batch: int, device: torch.device):
+        self.step = step  # the optimizer step being computed (methods with phases read it)
         self.generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
         self.rows = slice(rank * local_batch, (rank + 1) * local_batch)
         self.global_batch = local_batch * world_size
