@@ -3,7 +3,7 @@
 Trains an LCM student with a plain Adam loop on the shipped testbed teacher and, every 100 steps, prints the
 mean training loss and the latent / pixel MSE between the student's 1, 2 and 4-step samples and the teacher's
 50-step DDIM samples (same prompts, same initial noise), next to the teacher's own 4-step DDIM
-(trailing and the shipped config's leading spacing). Used to tune the LCM trainer; not a test.
+(trailing and the shipped config's leading spacing); with a target network, its samples too. Used to tune the LCM trainer; not a test.
 
     python eval/lcm_fidelity_probe.py --learning_rate 1e-4 --max_train_steps 600
 """
@@ -58,9 +58,11 @@ def main(argv: list[str] | None = None) -> None:
 
     def probe(step: int) -> None:
         model.eval()
-        for k in (1, 2, 4):
-            student = method.sample(model, prompts, k, noise, guidance_scale=GUIDANCE)
-            print(f"step {step} student {k}-step vs teacher-50: {_distances(teacher, student, reference)}", flush=True)
+        nets = {"student": model} if method.target_net is None else {"student": model, "EMA target": method.target_net}
+        for name, net in nets.items():
+            for k in (1, 2, 4):
+                student = method.sample(net, prompts, k, noise, guidance_scale=GUIDANCE)
+                print(f"step {step} {name} {k}-step vs teacher-50: {_distances(teacher, student, reference)}", flush=True)
         model.train()
 
     probe(0)

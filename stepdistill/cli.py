@@ -1,8 +1,9 @@
-"""``stepdistill`` command line: ``stepdistill sample`` draws a prompt grid from a teacher."""
+"""``stepdistill`` command line: ``sample`` draws a prompt grid from a teacher; ``demo`` serves the Gradio demo."""
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -26,6 +27,33 @@ def _sample(args: argparse.Namespace) -> None:
     print(f"wrote {path} ({args.seeds} seeds x {len(prompts)} prompts, {args.steps} steps, guidance {args.guidance_scale})")
 
 
+def _demo(args: argparse.Namespace) -> None:
+    from stepdistill.errors import ConfigError
+
+    try:
+        from stepdistill.demo.app import launch
+    except ImportError as error:
+        raise ConfigError(f"the demo needs gradio ({error.name} is missing); pip install -e '.[demo]'") from None
+    from stepdistill.demo.backend import DemoBackend, find_latest_student
+
+    students = args.student
+    if students is None:
+        backend_class = _teacher_class(args.teacher)
+        latest = find_latest_student(args.runs_dir, backend_class) if Path(args.runs_dir).is_dir() else None
+        students = [str(latest)] if latest else []
+    backend = DemoBackend(args.teacher, students, args.max_sequence_length)
+    print(f"demo: teacher {args.teacher}, students {[s.name for s in backend.students]}; http://{args.host}:{args.port}")
+    launch(backend, args.host, args.port, args.max_queue)
+
+
+def _teacher_class(teacher: str) -> str:
+    import json
+
+    from stepdistill.testbed import resolve_teacher_path
+
+    return json.loads((resolve_teacher_path(teacher) / "model_index.json").read_text()).get("_class_name", "")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stepdistill", description="few-step diffusion distillation toolkit")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -39,6 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--scale", type=int, default=3, help="pixel upscaling of the PNG")
     sample.add_argument("--out", default="samples.png", help="output PNG path")
     sample.set_defaults(run=_sample)
+    demo = sub.add_parser("demo", help="Gradio page: the teacher beside its students at 1, 2, 4, 8 steps, timed")
+    demo.add_argument("--teacher", default="tiny-sd", help="'tiny-sd', 'tiny-sd3' or a pipeline folder")
+    demo.add_argument("--student", action="append", help="student LoRA or pipeline folder, or name=folder; repeatable "
+                      "(default: the newest student under --runs_dir that fits the teacher)")
+    demo.add_argument("--runs_dir", default="runs", help="where to look for the newest student")
+    demo.add_argument("--host", default="127.0.0.1", help="interface to bind (default: localhost only)")
+    demo.add_argument("--port", type=int, default=7860, help="port")
+    demo.add_argument("--max_queue", type=int, default=64, help="requests waiting at most; more are refused")
+    demo.add_argument("--max_sequence_length", type=int, default=8, help="SD3 zero-T5 tokens (testbed: 8)")
+    demo.set_defaults(run=_demo)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""Gradio demo of step counts: ``stepdistill demo`` or ``python -m stepdistill.demo`` (needs the [demo] extra)."""
