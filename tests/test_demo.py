@@ -1,4 +1,4 @@
-"""The Gradio demo: its functions called directly, the served app driven with gradio_client (20 concurrent
+"""The Gradio demo (a pipeline student and an LCM-LoRA student): its functions called directly, the served app driven with gradio_client (20 concurrent
 requests included), and the page loaded in headless Chromium with the images on screen."""
 from __future__ import annotations
 
@@ -29,8 +29,27 @@ def student_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def backend(student_dir) -> DemoBackend:
-    return DemoBackend("tiny-sd", [f"pd={student_dir}"])
+def lora_dir(tmp_path_factory) -> Path:
+    """A real LCM-LoRA export of tiny-sd (two training steps: the demo only needs it to load and run)."""
+    from stepdistill.data.emoji32 import load_emoji32
+    from stepdistill.methods.common import LatentPromptData
+    from stepdistill.methods.lcm import LCMConfig, LCMMethod
+    from stepdistill.training.loop import run_training
+
+    out = tmp_path_factory.mktemp("lcm")
+    cfg = LCMConfig(output_dir=str(out), max_train_steps=2, train_batch_size=4, report_to="none", validation_steps=0,
+                    lora_rank=4, lora_alpha=4.0)
+    cfg.validate()
+    teacher = load_teacher(shipped_teacher_path("tiny-sd"))
+    data = load_emoji32()
+    data.images, data.captions = data.images[:8], data.captions[:8]
+    run_training(LCMMethod(cfg, teacher, LatentPromptData(teacher, data)), cfg)
+    return out / "lora"
+
+
+@pytest.fixture(scope="module")
+def backend(student_dir, lora_dir) -> DemoBackend:
+    return DemoBackend("tiny-sd", [f"pd={student_dir}", f"lcm={lora_dir}"])
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +68,9 @@ def _free_port() -> int:
 
 def test_run_gives_teacher_and_student_rows_with_times_and_nfe(backend):
     shots = backend.run("hamster face", seed=3, guidance_scale=4.0, teacher_steps=10, extra_steps=3)
-    assert [(s.model, s.steps, s.nfe) for s in shots] == [("teacher (ddim)", 10, 20), ("pd", 1, 1), ("pd", 2, 2),
-                                                         ("pd", 3, 3), ("pd", 4, 4), ("pd", 8, 8)]
+    student_rows = [(name, k, k) for name in ("pd", "lcm") for k in (1, 2, 3, 4, 8)]
+    assert [(s.model, s.steps, s.nfe) for s in shots] == [("teacher (ddim)", 10, 20), *student_rows]
+    assert type(backend.students[1].pipe.scheduler).__name__ == "LCMScheduler"  # from the LoRA's metadata
     assert all(s.milliseconds > 0 and s.image.size == (256, 256) for s in shots)
     pixels = [np.asarray(s.image, dtype=np.float32) for s in shots]
     assert np.abs(pixels[0] - pixels[1]).mean() > 1  # different samplers give different images
@@ -103,11 +123,12 @@ def test_served_app_answers_gradio_client_and_twenty_concurrent_requests(served)
 
     client = Client(served, verbose=False)
     gallery, table = client.predict("red apple", 1, 4.0, 8, 2, api_name="/generate")
-    assert len(gallery) == 5 and all(Path(item["image"]).is_file() for item in gallery)
-    assert [row[:3] for row in table["data"]] == [["teacher (ddim)", 8, 16], ["pd", 1, 1], ["pd", 2, 2], ["pd", 4, 4], ["pd", 8, 8]]
+    assert len(gallery) == 9 and all(Path(item["image"]).is_file() for item in gallery)
+    students = [[name, k, k] for name in ("pd", "lcm") for k in (1, 2, 4, 8)]
+    assert [row[:3] for row in table["data"]] == [["teacher (ddim)", 8, 16], *students]
     jobs = [client.submit(f"prompt {i}", i, 2.0, 4, 2, api_name="/generate") for i in range(20)]
     results = [job.result(timeout=300) for job in jobs]
-    assert len(results) == 20 and all(len(gallery) == 5 for gallery, _ in results)
+    assert len(results) == 20 and all(len(gallery) == 9 for gallery, _ in results)
     with pytest.raises(Exception, match="prompt is empty"):
         client.predict("", 1, 4.0, 8, 2, api_name="/generate")
 
@@ -131,14 +152,14 @@ def test_page_in_headless_chromium_shows_the_images(served, tmp_path):
         browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
         page = browser.new_page(viewport={"width": 1280, "height": 1400})
         page.goto(served)
-        # the page generates once on load: wait for the six gallery images (teacher + 5 student rows)
-        page.wait_for_function("[...document.querySelectorAll('#results img')].filter(i => i.complete && i.naturalWidth > 0).length >= 6",
+        # the page generates once on load: wait for the eleven gallery images (teacher + 2 students x 5)
+        page.wait_for_function("[...document.querySelectorAll('#results img')].filter(i => i.complete && i.naturalWidth > 0).length >= 11",
                                timeout=120_000)
         page.screenshot(path=str(shot), full_page=True)
         browser.close()
     hsv = np.asarray(Image.open(shot).convert("HSV")).astype(np.int32)
     colourful = ((hsv[..., 1] > 80) & (hsv[..., 2] > 50)).sum()
-    # the bare page has ~100 saturated pixels (the button's edges); six 256 px emoji add tens of thousands
+    # the bare page has ~100 saturated pixels (the button's edges); the emoji add tens of thousands
     assert colourful > 20_000, colourful
 
 
