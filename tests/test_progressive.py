@@ -225,3 +225,11 @@ def test_one_round_on_the_shipped_teacher_beats_its_own_half_step_sampling(tmp_p
     assert mse(after) < 0.85 * mse(own_half), (mse(after), mse(own_half))
     assert mse(after) < 0.85 * mse(before), (mse(after), mse(before))
     assert any((tmp_path / "run" / "logs").rglob("events.out.tfevents*"))
+
+
+@pytest.mark.parametrize("kind,expected", [("sd", "eps"), ("sd3", "v")])
+def test_auto_target_is_the_networks_own_output_space(random_teachers, kind, expected):
+    cfg = ProgressiveConfig(pretrained_teacher_model=str(random_teachers / kind), w_min=2.0, w_max=2.0)
+    cfg.validate()
+    teacher = load_teacher(random_teachers / kind, max_sequence_length=8)
+    assert ProgressiveMethod(cfg, teacher, LatentPromptData(teacher, small_data(4))).target == expected
