@@ -38,3 +38,12 @@ def sd_pipe(tokenizer):
 @pytest.fixture(scope="session")
 def sd3_pipe(tokenizer):
     return _random_pipe("sd3", tokenizer)
+
+
+@pytest.fixture(scope="session")
+def random_teachers(tmp_path_factory, sd_pipe, sd3_pipe):
+    """The random SD and SD3 pipelines saved as folders, the way a trainer receives a teacher."""
+    root = tmp_path_factory.mktemp("teachers")
+    sd_pipe.save_pretrained(root / "sd")
+    sd3_pipe.save_pretrained(root / "sd3")
+    return root

@@ -17,14 +17,6 @@ from stepdistill.teacher import load_teacher
 from stepdistill.training.loop import run_training
 
 
-@pytest.fixture(scope="module")
-def random_teachers(tmp_path_factory, sd_pipe, sd3_pipe) -> Path:
-    root = tmp_path_factory.mktemp("teachers")
-    sd_pipe.save_pretrained(root / "sd")
-    sd3_pipe.save_pretrained(root / "sd3")
-    return root
-
-
 def small_data():
     data = load_emoji32()
     data.images, data.captions = data.images[:16], data.captions[:16]

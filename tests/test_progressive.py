@@ -22,14 +22,6 @@ from stepdistill.testbed import shipped_teacher_path
 from stepdistill.training.loop import run_training
 
 
-@pytest.fixture(scope="module")
-def random_teachers(tmp_path_factory, sd_pipe, sd3_pipe) -> Path:
-    root = tmp_path_factory.mktemp("teachers")
-    sd_pipe.save_pretrained(root / "sd")
-    sd3_pipe.save_pretrained(root / "sd3")
-    return root
-
-
 def small_data(count: int = 16):
     data = load_emoji32()
     data.images, data.captions = data.images[:count], data.captions[:count]

@@ -11,24 +11,16 @@ from __future__ import annotations
 import sys
 
 from stepdistill.config import parse_cli, to_dict
-from stepdistill.data import load_dataset
 from stepdistill.errors import cli_errors
-from stepdistill.methods.common import LatentPromptData
+from stepdistill.methods.common import load_teacher_and_data
 from stepdistill.methods.progressive import ProgressiveConfig, ProgressiveMethod
-from stepdistill.teacher import load_teacher
-from stepdistill.testbed import resolve_teacher_path
 from stepdistill.training.loop import run_training
 
 
 @cli_errors
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_cli(ProgressiveConfig, argv)
-    teacher = load_teacher(resolve_teacher_path(cfg.pretrained_teacher_model), max_sequence_length=cfg.max_sequence_length)
-    if cfg.enable_xformers_memory_efficient_attention:
-        from stepdistill.training.accel import enable_xformers
-
-        enable_xformers(teacher.pipe)
-    data = LatentPromptData(teacher, load_dataset(cfg.dataset, resolution=cfg.resolution))
+    teacher, data = load_teacher_and_data(cfg)
     method = ProgressiveMethod(cfg, teacher, data)
     logs = run_training(method, cfg, tracker_config=to_dict(cfg))
     print(f"done: progressive final loss {logs.get('loss', float('nan')):.5f}; {cfg.end_steps}-step student in "

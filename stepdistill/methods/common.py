@@ -35,6 +35,37 @@ class LatentPromptData:
         return self.latents[indices].to(device), self.teacher.encode_prompts([self.captions[i] for i in indices]).to(device)
 
 
+class LatentMethodBase:
+    """Shared-loop plumbing for methods that train ``student_net`` on :class:`LatentPromptData` batches."""
+
+    student_net: torch.nn.Module
+    data: LatentPromptData
+
+    def trainable_module(self) -> torch.nn.Module:
+        return self.student_net
+
+    def num_items(self) -> int:
+        return len(self.data)
+
+    def make_batch(self, indices: list[int], device: torch.device) -> dict[str, Any]:
+        latents, embeds = self.data.batch(indices, device)
+        return {"latents": latents, "embeds": embeds}
+
+
+def load_teacher_and_data(cfg: Any) -> tuple[TeacherWrapper, LatentPromptData]:
+    """What every distillation script starts with: the teacher (xformers if asked) and its encoded dataset."""
+    from stepdistill.data import load_dataset
+    from stepdistill.teacher import load_teacher
+    from stepdistill.testbed import resolve_teacher_path
+
+    teacher = load_teacher(resolve_teacher_path(cfg.pretrained_teacher_model), max_sequence_length=cfg.max_sequence_length)
+    if cfg.enable_xformers_memory_efficient_attention:
+        from stepdistill.training.accel import enable_xformers
+
+        enable_xformers(teacher.pipe)
+    return teacher, LatentPromptData(teacher, load_dataset(cfg.dataset, resolution=cfg.resolution))
+
+
 @torch.no_grad()
 def encode_images(teacher: TeacherWrapper, pixels: torch.Tensor, batch: int = 64) -> torch.Tensor:
     """Posterior means in the pipeline's latent space (SD3: shifted, then scaled)."""

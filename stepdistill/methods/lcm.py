@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from diffusers import LatentConsistencyModelPipeline, LCMScheduler
 
 from stepdistill.errors import ConfigError
-from stepdistill.methods.common import LatentPromptData, adapters_disabled, add_lora, full_student, write_validation
+from stepdistill.methods.common import LatentMethodBase, LatentPromptData, adapters_disabled, add_lora, full_student, write_validation
 from stepdistill.methods.export import write_lora, write_model_card
 from stepdistill.solvers import (consistency_output, ddim_step, guidance_scale_embedding, lcm_inference_timesteps,
                                  lcm_skip_timesteps, sample_consistency)
@@ -70,7 +70,7 @@ def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
     return (((a.float() - b.float()) ** 2).flatten(1).sum(1) + c ** 2).sqrt().sub(c).mean()
 
 
-class LCMMethod:
+class LCMMethod(LatentMethodBase):
     """The LCM loss and export for the shared loop."""
 
     name = "lcm"
@@ -95,16 +95,6 @@ class LCMMethod:
             self.target_net = copy.deepcopy(self.student_net).requires_grad_(False)
 
     # --- shared-loop interface -------------------------------------------------------------------------
-    def trainable_module(self) -> torch.nn.Module:
-        return self.student_net
-
-    def num_items(self) -> int:
-        return len(self.data)
-
-    def make_batch(self, indices: list[int], device: torch.device) -> dict[str, Any]:
-        latents, embeds = self.data.batch(indices, device)
-        return {"latents": latents, "embeds": embeds}
-
     def compute_loss(self, model: torch.nn.Module, batch: dict[str, Any], rand: StepRandom):
         x0, embeds = batch["latents"], batch["embeds"]
         schedule = self.teacher.schedule

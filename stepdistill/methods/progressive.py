@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from diffusers import DDIMScheduler
 
 from stepdistill.errors import ConfigError
-from stepdistill.methods.common import LatentPromptData, full_student, write_validation
+from stepdistill.methods.common import LatentMethodBase, LatentPromptData, full_student, write_validation
 from stepdistill.methods.export import STUDENT_META, replace_folder, write_model_card
 from stepdistill.solvers import ddim_step, guidance_scale_embedding, halving_pairs, sample_ddim
 from stepdistill.teacher import Prediction, TeacherWrapper
@@ -134,7 +134,7 @@ def weighted_x0_loss(x0_pred: torch.Tensor, x0_target: torch.Tensor, alpha: torc
     return (space * extra * per_sample).mean()
 
 
-class ProgressiveMethod:
+class ProgressiveMethod(LatentMethodBase):
     """The progressive-distillation loss, round bookkeeping and per-round exports for the shared loop."""
 
     name = "progressive"
@@ -145,6 +145,7 @@ class ProgressiveMethod:
         if teacher.is_dit and cfg.w_min != cfg.w_max:
             raise ConfigError(f"w_min={cfg.w_min} != w_max={cfg.w_max}: DiT students have no guidance input; give one w")
         self.phases = plan_phases(cfg)
+        self.grids = {p.student_steps: halving_pairs(p.student_steps, teacher.schedule) for p in self.phases}  # built once
         self.target = cfg.target if cfg.target != "auto" else AUTO_TARGET[teacher.prediction_type]
         self.w_embedding = not teacher.is_dit
         self.student_net = full_student(teacher.model, cfg.time_cond_proj_dim if self.w_embedding else None)
@@ -164,16 +165,6 @@ class ProgressiveMethod:
         return phase.kind == "guidance" or (phase.index == 0 and not self.cfg.guidance_distillation_steps)
 
     # --- shared-loop interface -------------------------------------------------------------------------
-    def trainable_module(self) -> torch.nn.Module:
-        return self.student_net
-
-    def num_items(self) -> int:
-        return len(self.data)
-
-    def make_batch(self, indices: list[int], device: torch.device) -> dict[str, Any]:
-        latents, embeds = self.data.batch(indices, device)
-        return {"latents": latents, "embeds": embeds}
-
     def compute_loss(self, model: torch.nn.Module, batch: dict[str, Any], rand: StepRandom):
         phase = self.phase_at(rand.step)
         x0, embeds = batch["latents"], batch["embeds"]
@@ -185,7 +176,7 @@ class ProgressiveMethod:
             with torch.no_grad():
                 x0_target = self._teacher_predict(phase, x_t, t, embeds, w).x0
         else:
-            student_grid, teacher_grid = (g.to(x0.device) for g in halving_pairs(phase.student_steps, self.teacher.schedule))
+            student_grid, teacher_grid = (g.to(x0.device) for g in self.grids[phase.student_steps])
             i = rand.randint(0, phase.student_steps).to(x0.device)
             t, t_mid, t_next = student_grid[i], teacher_grid[2 * i + 1], student_grid[i + 1]
             x_t = self._noised(x0, t, rand)
