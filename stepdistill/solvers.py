@@ -125,6 +125,14 @@ def lcm_inference_timesteps(num_steps: int, num_ddim_timesteps: int = 50, num_tr
     return grid[torch.from_numpy(indices)]
 
 
+def few_step_timesteps(schedule: NoiseSchedule, num_steps: int, num_ddim_timesteps: int = 50) -> torch.Tensor:
+    """Descending model timesteps a few-step student is called at by the scheduler it is exported with:
+    LCMScheduler's (vp) or FlowMatchEulerDiscreteScheduler's (flow) N-step schedule."""
+    if schedule.kind == "flow":
+        return sampling_grid(schedule, num_steps)[:-1]
+    return lcm_inference_timesteps(num_steps, num_ddim_timesteps, schedule.num_train_timesteps)
+
+
 def consistency_scalings(t: torch.Tensor, timestep_scaling: float = 10.0, sigma_data: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
     """LCM boundary-condition scalings (c_skip, c_out) at model timestep t: c_skip(0) = 1, c_out(0) = 0
     (Song et al. 2023, sec. 3; LCM's discrete form with timestep scaling)."""
@@ -134,8 +142,11 @@ def consistency_scalings(t: torch.Tensor, timestep_scaling: float = 10.0, sigma_
     return c_skip, c_out
 
 
-def consistency_output(x: torch.Tensor, pred: Prediction, t: torch.Tensor, timestep_scaling: float = 10.0) -> torch.Tensor:
-    """f(x_t, t) = c_skip x_t + c_out x0: the consistency function built on any denoiser prediction."""
+def consistency_output(x: torch.Tensor, pred: Prediction, t: torch.Tensor, timestep_scaling: float | None = 10.0) -> torch.Tensor:
+    """f(x_t, t) = c_skip x_t + c_out x0: the consistency function built on any denoiser prediction.
+    ``timestep_scaling=None`` means no boundary condition: f is the x0 prediction itself."""
+    if timestep_scaling is None:
+        return pred.x0
     c_skip, c_out = consistency_scalings(t, timestep_scaling)
     return _bcast(c_skip.to(x.device), x) * x + _bcast(c_out.to(x.device), x) * pred.x0
 
@@ -152,7 +163,7 @@ def guidance_scale_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def sample_consistency(denoise: Denoise, x: torch.Tensor, timesteps: torch.Tensor, schedule: NoiseSchedule,
-                       generator: torch.Generator | None = None, timestep_scaling: float = 10.0) -> torch.Tensor:
+                       generator: torch.Generator | None = None, timestep_scaling: float | None = 10.0) -> torch.Tensor:
     """Multistep consistency sampling (LCM alg. 1): map to x0 with f, re-noise to the next timestep, repeat."""
     for i, t in enumerate(timesteps):
         denoised = consistency_output(x, denoise(x, t), t, timestep_scaling)

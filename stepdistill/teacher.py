@@ -192,6 +192,18 @@ class TeacherWrapper:
         out = DENOISER_CALLS[self.denoiser_class](self.model, x.to(model_dtype), t, embeds.to(x.device, model_dtype), **extra)
         return out.float()
 
+    def features(self, x: torch.Tensor, t: torch.Tensor, embeds: PromptEmbeds, **extra: Any) -> list[torch.Tensor]:
+        """Intermediate feature maps (B, C, h, w) of the denoiser at x_t: the frozen feature network of the
+        adversarial discriminator (Sauer et al. 2024). Gradients flow back to ``x`` when it needs them."""
+        found: list[Any] = []
+        hooks = [m.register_forward_hook(lambda _m, _i, out: found.append(out)) for m in feature_modules(self.model)]
+        try:
+            self.raw_output(x, t, embeds, **extra)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return [_as_feature_map(f, x.shape[-2], x.shape[-1]).float() for f in found]
+
     def predict(self, x: torch.Tensor, t: torch.Tensor, embeds: PromptEmbeds, guidance_scale: float | torch.Tensor = 1.0,
                 uncond: PromptEmbeds | None = None, **extra: Any) -> Prediction:
         """Denoise x_t; with guidance != 1, conditional and unconditional passes run as one batched forward.
@@ -212,6 +224,29 @@ class TeacherWrapper:
             out_u, out_c = both.chunk(2)
             out = out_u + _bcast(w, out_c) * (out_c - out_u)
         return output_to_prediction(out, x, alpha.to(x.device), sigma.to(x.device), self.prediction_type)
+
+
+def feature_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Blocks whose outputs serve as discriminator features: a UNet's down, mid and up blocks, a DiT's
+    transformer blocks (image tokens)."""
+    if hasattr(model, "down_blocks"):
+        return [*model.down_blocks, model.mid_block, *model.up_blocks]
+    if hasattr(model, "transformer_blocks"):
+        return list(model.transformer_blocks)
+    raise ModelError(f"denoiser {type(model).__name__!r} has no known feature blocks; supported: "
+                     f"{', '.join(DENOISER_CALLS)}")
+
+
+def _as_feature_map(output: Any, height: int, width: int) -> torch.Tensor:
+    """A block output as (B, C, h, w): UNet down blocks return (hidden, skips); DiT blocks return
+    (text tokens, image tokens) with image tokens (B, N, D) laid out row-major on the patch grid."""
+    if isinstance(output, tuple):
+        output = output[0] if output[0] is not None and output[0].dim() == 4 else output[-1]
+    if output.dim() == 3:
+        batch, tokens, dim = output.shape
+        side = int(round((tokens * height / width) ** 0.5))
+        output = output.transpose(1, 2).reshape(batch, dim, side, tokens // side)
+    return output
 
 
 def _double(extra: dict[str, Any]) -> dict[str, Any]:

@@ -89,6 +89,27 @@ def test_lcm_resume_reproduces_uninterrupted_run(random_teachers, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_lcm_with_adversarial_term_trains_the_heads_and_resumes_exactly(random_teachers, tmp_path):
+    from safetensors.torch import load_file
+
+    options = dict(use_target_network=True, adversarial_weight=0.5, disc_hidden=8)
+    method = train(random_teachers / "sd", tmp_path / "a", max_train_steps=4, **options)
+    assert method.adversarial is not None
+    before = method.adversarial.heads  # trained in place: its first layer moved from the seeded initialisation
+    torch.manual_seed(1)
+    fresh = type(before)([h.body[0].in_channels for h in before.heads], before.cond[0].in_features - before.noise_dim,
+                         1000, hidden=8)
+    assert not torch.equal(fresh.heads[0].logit.weight, before.heads[0].logit.weight)
+    train(random_teachers / "sd", tmp_path / "b", max_train_steps=2, checkpoints_total_limit=None, **options)
+    import shutil
+
+    shutil.rmtree(tmp_path / "b" / "lora")
+    train(random_teachers / "sd", tmp_path / "b", max_train_steps=4, resume_from_checkpoint="latest", **options)
+    for name in ("lora/pytorch_lora_weights.safetensors", "checkpoint-4/model_1.safetensors"):
+        a, b = load_file(tmp_path / "a" / name), load_file(tmp_path / "b" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
 @pytest.mark.parametrize("overrides,match", [
     (dict(w_min=5.0, w_max=2.0), "w_min=5.0, w_max=2.0"),
     (dict(lora_rank=0), "lora_rank=0 must be at least 1"),

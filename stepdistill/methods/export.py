@@ -29,7 +29,8 @@ def replace_folder(final: Path, write: Callable[[Path], None]) -> Path:
     return final
 
 
-def write_lora(model: torch.nn.Module, teacher: TeacherWrapper, out_dir: Path, scheduler: str | None) -> None:
+def write_lora(model: torch.nn.Module, teacher: TeacherWrapper, out_dir: Path, scheduler: str | None,
+               method: str = "lcm-lora", scheduler_kwargs: dict[str, Any] | None = None) -> None:
     """``pytorch_lora_weights.safetensors`` that ``pipe.load_lora_weights(dir)`` accepts.
 
     Keys get diffusers' ``unet.`` / ``transformer.`` prefixes and the adapter config is stored as metadata,
@@ -46,20 +47,27 @@ def write_lora(model: torch.nn.Module, teacher: TeacherWrapper, out_dir: Path, s
         pipe_cls.save_lora_weights(out_dir, transformer_lora_layers=layers, transformer_lora_adapter_metadata=metadata)
     else:
         pipe_cls.save_lora_weights(out_dir, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata)
-    meta = {"method": "lcm-lora", "teacher_class": pipe_cls.__name__, "guidance_scale": 1.0}
+    meta: dict[str, Any] = {"method": method, "teacher_class": pipe_cls.__name__, "guidance_scale": 1.0}
     if scheduler:
         meta["scheduler"] = scheduler
+    if scheduler_kwargs:
+        meta["scheduler_kwargs"] = scheduler_kwargs
     (out_dir / STUDENT_META).write_text(json.dumps(meta, indent=2))
 
 
 def write_model_card(out_dir: Path, cfg: Any, teacher: TeacherWrapper, lora: bool, steps: int = 4,
-                     guidance_scale: float | None = None) -> None:
-    """A README.md next to the weights saying what they are and how to load them."""
+                     guidance_scale: float | None = None, scheduler_setup: str | None = None) -> None:
+    """A README.md next to the weights saying what they are and how to load them.
+
+    ``scheduler_setup`` is the scheduler line of a LoRA's usage example (default: LCMScheduler for UNets)."""
     options = {k: v for k, v in dataclasses.asdict(cfg).items() if isinstance(v, (int, float, str, bool))}
     pipe_cls = type(teacher.pipe).__name__
-    if lora and not teacher.is_dit:
-        usage = (f"pipe = {pipe_cls}.from_pretrained(TEACHER)\npipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)\n"
-                 f"pipe.load_lora_weights(\"{out_dir.name}\")\nimage = pipe(prompt, num_inference_steps=4, guidance_scale=1.0).images[0]")
+    if scheduler_setup is None and not teacher.is_dit:
+        scheduler_setup = "LCMScheduler.from_config(pipe.scheduler.config)"
+    if lora and scheduler_setup:
+        usage = (f"pipe = {pipe_cls}.from_pretrained(TEACHER)\npipe.scheduler = {scheduler_setup}\n"
+                 f"pipe.load_lora_weights(\"{out_dir.name}\")\n"
+                 f"image = pipe(prompt, num_inference_steps={steps}, guidance_scale=1.0).images[0]")
     elif lora:
         usage = f"pipe = {pipe_cls}.from_pretrained(TEACHER)\npipe.load_lora_weights(\"{out_dir.name}\")"
     else:

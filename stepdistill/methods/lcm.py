@@ -17,6 +17,7 @@ from accelerate import Accelerator
 from diffusers import LatentConsistencyModelPipeline, LCMScheduler
 
 from stepdistill.errors import ConfigError
+from stepdistill.methods.adversarial import AdversarialOptions, AdversarialTerm
 from stepdistill.methods.common import LatentMethodBase, LatentPromptData, adapters_disabled, add_lora, full_student, write_validation
 from stepdistill.methods.export import write_lora, write_model_card
 from stepdistill.solvers import (consistency_output, ddim_step, guidance_scale_embedding, lcm_inference_timesteps,
@@ -27,7 +28,7 @@ from stepdistill.training.step_random import StepRandom
 
 
 @dataclass
-class LCMConfig(LoopConfig):
+class LCMConfig(AdversarialOptions, LoopConfig):
     """LCM / LCM-LoRA options; names follow diffusers' LCM distillation examples where they mean the same."""
 
     pretrained_teacher_model: str = "tiny-sd"  # shipped teacher name or diffusers pipeline folder
@@ -45,12 +46,16 @@ class LCMConfig(LoopConfig):
     timestep_scaling_factor: float = 10.0  # boundary-condition timestep scaling (LCMScheduler's timestep_scaling)
     ema_decay: float = 0.95  # target network EMA decay (full mode, or LoRA with use_target_network)
     use_target_network: bool = False  # LoRA mode: EMA target copy of the adapter instead of the student itself
+    adversarial_weight: float = 0.0  # > 0: add LADD's discriminator loss on the student's x0 estimates (gan_loss, disc_* options)
     gradient_checkpointing: bool = False  # trade compute for memory on big teachers
     enable_xformers_memory_efficient_attention: bool = False  # GPU only
     max_sequence_length: int = 8  # SD3-class teachers: zero-T5 tokens (testbed DiT: 8)
     validation_prompts: list[str] = field(default_factory=lambda: ["hamster face", "red apple", "rocket", "sun"])
 
     def validate(self) -> None:
+        self.validate_adversarial()
+        if self.adversarial_weight < 0:
+            raise ConfigError(f"adversarial_weight={self.adversarial_weight} must be 0 (off) or positive")
         if self.w_min > self.w_max or self.w_min < 0:
             raise ConfigError(f"w_min={self.w_min}, w_max={self.w_max}: need 0 <= w_min <= w_max")
         if self.use_lora and self.lora_rank < 1:
@@ -93,6 +98,11 @@ class LCMMethod(LatentMethodBase):
         self.target_net = None
         if not cfg.use_lora or cfg.use_target_network:
             self.target_net = copy.deepcopy(self.student_net).requires_grad_(False)
+        self.adversarial = AdversarialTerm(teacher, base, cfg, cfg.use_lora, cfg.seed) if cfg.adversarial_weight > 0 else None
+
+    def prepare_extra(self, accelerator: Accelerator, out: Path) -> None:
+        if self.adversarial is not None:
+            self.adversarial.prepare(accelerator)
 
     # --- shared-loop interface -------------------------------------------------------------------------
     def compute_loss(self, model: torch.nn.Module, batch: dict[str, Any], rand: StepRandom):
@@ -113,7 +123,13 @@ class LCMMethod(LatentMethodBase):
             loss = torch.nn.functional.mse_loss(prediction.float(), target.float())
         else:
             loss = pseudo_huber(prediction, target, self.cfg.huber_c)
-        return loss, {}
+        logs = {}
+        if self.adversarial is not None:  # the consistency output is the student's x0 estimate: judge it like LADD
+            logs.update(self.adversarial.discriminator_step(x0, prediction, embeds, rand))
+            g_loss = self.adversarial.generator_loss(prediction, embeds, rand)
+            logs.update(consistency_loss=float(loss.detach()), g_loss=float(g_loss.detach()))
+            loss = loss + self.cfg.adversarial_weight * g_loss
+        return loss, logs
 
     def _w_kwargs(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"timestep_cond": guidance_scale_embedding(w, self.cfg.time_cond_proj_dim).to(w.device)} if self.w_embedding else {}

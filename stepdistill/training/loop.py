@@ -136,6 +136,9 @@ def run_training(method: TrainingMethod, cfg: LoopConfig, tracker_config: dict[s
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=cfg.max_train_steps * accelerator.num_processes)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    prepare_extra = getattr(method, "prepare_extra", None)  # optional: e.g. a discriminator and its optimizer
+    if prepare_extra is not None:
+        prepare_extra(accelerator, out)
     for obj in method.checkpoint_objects():
         accelerator.register_for_checkpointing(obj)
     start = 0

@@ -1,0 +1,136 @@
+"""The adversarial term shared by LADD and (optionally) LCM: re-noise latents, read the frozen teacher's
+features, score them with trainable heads, update the heads, return the student's generator loss.
+
+The discriminator's optimizer lives here rather than in the shared loop; it is prepared by the same
+accelerator, so its heads and optimizer state are part of every checkpoint and are synced across processes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from accelerate import Accelerator
+
+from stepdistill.discriminator import DiscriminatorHeads, discriminator_loss, generator_loss, r1_penalty
+from stepdistill.errors import ConfigError
+from stepdistill.methods.common import adapters_disabled
+from stepdistill.sampling import latent_shape
+from stepdistill.teacher import PromptEmbeds, TeacherWrapper
+from stepdistill.training.step_random import StepRandom
+
+
+@dataclass
+class AdversarialOptions:
+    """Discriminator options (LADD; also LCM's optional adversarial term)."""
+
+    gan_loss: Literal["hinge", "non_saturating"] = "hinge"  # GAN objective of heads and student
+    disc_learning_rate: float = 1e-4  # AdamW learning rate of the discriminator heads
+    disc_hidden: int = 64  # channels of each discriminator head
+    disc_r1_weight: float = 0.0  # R1 gradient penalty on real features (0: off)
+    renoise_mean: float = 0.0  # logit-normal re-noising levels for the discriminator: mean of the logit
+    renoise_std: float = 1.0  # ... and its standard deviation
+
+    def validate_adversarial(self) -> None:
+        if not self.disc_learning_rate > 0:
+            raise ConfigError(f"disc_learning_rate={self.disc_learning_rate} must be positive")
+        if self.disc_hidden < 1:
+            raise ConfigError(f"disc_hidden={self.disc_hidden} must be at least 1")
+        if self.disc_r1_weight < 0 or self.renoise_std <= 0:
+            raise ConfigError(f"disc_r1_weight={self.disc_r1_weight} must be >= 0 and renoise_std={self.renoise_std} > 0")
+
+
+def pooled_text(embeds: PromptEmbeds) -> torch.Tensor:
+    """One vector per prompt for the heads' condition: the DiT's pooled embedding, else the mean token state."""
+    return embeds.pooled if embeds.pooled is not None else embeds.hidden.mean(1)
+
+
+class AdversarialTerm:
+    """Teacher-feature discriminator with its own optimizer, trained inside the student's step."""
+
+    def __init__(self, teacher: TeacherWrapper, feature_net: torch.nn.Module, opts: AdversarialOptions,
+                 lora_student: bool, seed: int):
+        self.teacher, self.feature_net, self.opts, self.lora_student = teacher, feature_net, opts, lora_student
+        if not lora_student:
+            feature_net.requires_grad_(False)  # a separate frozen teacher: gradients only pass through it
+        probe_x = torch.zeros(1, *latent_shape(teacher), device=next(feature_net.parameters()).device)
+        probe_embeds = teacher.encode_prompts([""])
+        with torch.no_grad():
+            maps = self.features(probe_x, torch.tensor([teacher.schedule.num_train_timesteps // 2]), probe_embeds)
+        torch.manual_seed(seed + 1)
+        self.heads = DiscriminatorHeads([m.shape[1] for m in maps], pooled_text(probe_embeds).shape[-1],
+                                        teacher.schedule.num_train_timesteps, hidden=opts.disc_hidden)
+        self.optimizer = torch.optim.AdamW(self.heads.parameters(), lr=opts.disc_learning_rate, betas=(0.0, 0.99))
+        self.accelerator: Accelerator | None = None
+        self.prepared_heads: torch.nn.Module = self.heads
+
+    def prepare(self, accelerator: Accelerator) -> None:
+        """Register heads and optimizer with the run's accelerator (device, DDP, checkpoints)."""
+        self.accelerator = accelerator
+        self.prepared_heads, self.optimizer = accelerator.prepare(self.heads, self.optimizer)
+
+    def features(self, x: torch.Tensor, t: torch.Tensor, embeds: PromptEmbeds) -> list[torch.Tensor]:
+        """Frozen teacher features; in LoRA mode the teacher is the student network without its adapter."""
+        with adapters_disabled(self.feature_net, self.lora_student):
+            return self.teacher.with_model(self.feature_net).features(x, t, embeds)
+
+    def renoise(self, x0: torch.Tensor, rand: StepRandom) -> tuple[torch.Tensor, torch.Tensor]:
+        """x_s = alpha_s x0 + sigma_s eps with s/T drawn from a logit-normal (LADD sec. 3.2)."""
+        schedule = self.teacher.schedule
+        u = torch.sigmoid(self.opts.renoise_mean + self.opts.renoise_std * rand.randn())
+        if schedule.kind == "flow":
+            t = (u * schedule.num_train_timesteps).clamp_min(1.0)
+        else:
+            t = (u * (schedule.num_train_timesteps - 1)).round().long()
+        alpha, sigma = schedule.alpha_sigma(t)
+        noise = rand.randn(*x0.shape[1:]).to(x0)
+        return t, alpha.view(-1, 1, 1, 1).to(x0) * x0 + sigma.view(-1, 1, 1, 1).to(x0) * noise
+
+    def _logits(self, heads: torch.nn.Module, x0: torch.Tensor, embeds: PromptEmbeds, rand: StepRandom,
+                no_grad_features: bool) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        t, x_s = self.renoise(x0, rand)
+        with torch.set_grad_enabled(not no_grad_features and torch.is_grad_enabled()):
+            feats = self.features(x_s, t, embeds)
+        return heads(feats, t, pooled_text(embeds)), feats, t
+
+    def discriminator_step(self, real_x0: torch.Tensor, fake_x0: torch.Tensor, embeds: PromptEmbeds,
+                           rand: StepRandom) -> dict[str, float]:
+        """One update of the heads on real and (detached) student latents; returns logging values."""
+        assert self.accelerator is not None, "prepare() the adversarial term before training"
+        batch = real_x0.shape[0]
+        (t_real, x_real), (t_fake, x_fake) = self.renoise(real_x0, rand), self.renoise(fake_x0.detach(), rand)
+        t, x_s = torch.cat([t_real, t_fake]), torch.cat([x_real, x_fake])
+        with torch.no_grad():
+            feats = self.features(x_s, t, PromptEmbeds.cat([embeds, embeds]))
+        use_r1 = self.opts.disc_r1_weight > 0
+        real_inputs = [f[:batch].detach().requires_grad_(use_r1) for f in feats]
+        inputs = [torch.cat([r, f[batch:]]) for r, f in zip(real_inputs, feats)]
+        logits = self.prepared_heads(inputs, t, pooled_text(PromptEmbeds.cat([embeds, embeds])))
+        real, fake = [lg[:batch] for lg in logits], [lg[batch:] for lg in logits]
+        loss = discriminator_loss(real, fake, self.opts.gan_loss)
+        logs = {"d_loss": float(loss.detach())}
+        if use_r1:
+            penalty = r1_penalty(real, real_inputs)
+            loss = loss + self.opts.disc_r1_weight * penalty
+            logs["d_r1"] = float(penalty.detach())
+        self.optimizer.zero_grad(set_to_none=True)
+        self.accelerator.backward(loss)
+        norm = self.accelerator.clip_grad_norm_(self.prepared_heads.parameters(), 1.0)
+        if bool(torch.isfinite(loss.detach()) & torch.isfinite(torch.as_tensor(norm))):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        logs["d_real"] = float(torch.cat([r.detach().flatten() for r in real]).mean())
+        logs["d_fake"] = float(torch.cat([f.detach().flatten() for f in fake]).mean())
+        return logs
+
+    def generator_loss(self, fake_x0: torch.Tensor, embeds: PromptEmbeds, rand: StepRandom) -> torch.Tensor:
+        """Adversarial loss of the student's latents; gradients reach the student through the frozen
+        teacher features. The unwrapped heads are used so no gradient sync runs for them here."""
+        logits, _, _ = self._logits(self.heads, fake_x0, embeds, rand, no_grad_features=False)
+        return generator_loss(logits, self.opts.gan_loss)
+
+    @torch.no_grad()
+    def scores(self, x0: torch.Tensor, embeds: PromptEmbeds, rand: StepRandom) -> torch.Tensor:
+        """Mean logit per sample (B,) for evaluation: higher means 'looks like the data'."""
+        logits, _, _ = self._logits(self.heads, x0, embeds, rand, no_grad_features=True)
+        return torch.stack([lg.mean(1) for lg in logits]).mean(0)

@@ -1,0 +1,197 @@
+"""Latent adversarial diffusion distillation (LADD, Sauer et al. 2024) for 1-4 step students.
+
+Per step: noise a (teacher-generated or real) latent to one of the student's few timesteps, let the
+student predict x0, re-noise that prediction at a logit-normal level, and score it with trainable heads
+on the frozen teacher's features. The heads learn to tell data from student latents; the student
+learns to fool them, optionally with a regression term towards the teacher's own (noise -> sample) pairs.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from accelerate import Accelerator
+from diffusers import FlowMatchEulerDiscreteScheduler, LCMScheduler
+
+from stepdistill.errors import ConfigError
+from stepdistill.methods.adversarial import AdversarialOptions, AdversarialTerm
+from stepdistill.methods.common import LatentMethodBase, LatentPromptData, add_lora, full_student, write_validation
+from stepdistill.methods.export import STUDENT_META, write_lora, write_model_card
+from stepdistill.methods.synthetic import cached_teacher_latents
+from stepdistill.solvers import consistency_output, few_step_timesteps, sample_consistency
+from stepdistill.teacher import TeacherWrapper
+from stepdistill.training.loop import LoopConfig
+from stepdistill.training.step_random import StepRandom
+
+LCM_ORIGINAL_STEPS = 50  # LCMScheduler's default original_inference_steps: fixes the exported timesteps
+
+
+@dataclass
+class LADDConfig(AdversarialOptions, LoopConfig):
+    """LADD options; loop, LoRA and data options are named as in the LCM trainer."""
+
+    pretrained_teacher_model: str = "tiny-sd"  # shipped teacher name or diffusers pipeline folder
+    dataset: str | None = None  # prompts (and real images for real_data=real); default emoji32
+    resolution: int = 32  # must match the teacher VAE's sample_size
+    use_lora: bool = True  # LoRA student (True) or full-model student
+    lora_rank: int = 16  # LoRA rank
+    lora_alpha: float = 16.0  # LoRA alpha
+    student_steps: list[int] = field(default_factory=lambda: [1, 2, 4])  # trained for the union of these step grids
+    timestep_warmup_steps: int = 200  # student timesteps start at the noisiest only, reach uniform after this
+    real_data: Literal["synthetic", "real"] = "synthetic"  # 'real' latents for the discriminator: teacher samples or the dataset
+    synthetic_steps: int = 25  # teacher solver steps per synthetic latent
+    synthetic_guidance_scale: float = 4.0  # teacher CFG scale for synthetic latents
+    adversarial_weight: float = 1.0  # weight of the generator loss
+    distill_weight: float = 0.0  # weight of the regression term towards the data latent (teacher pairs at t_max)
+    timestep_scaling_factor: float = 10.0  # vp: LCMScheduler's boundary scaling, so the export samples identically
+    gradient_checkpointing: bool = False  # trade compute for memory on big teachers
+    enable_xformers_memory_efficient_attention: bool = False  # GPU only
+    max_sequence_length: int = 8  # SD3-class teachers: zero-T5 tokens (testbed DiT: 8)
+    validation_prompts: list[str] = field(default_factory=lambda: ["hamster face", "red apple", "rocket", "sun"])
+
+    def validate(self) -> None:
+        self.validate_adversarial()
+        if not self.student_steps or any(not 1 <= s <= LCM_ORIGINAL_STEPS for s in self.student_steps):
+            raise ConfigError(f"student_steps={self.student_steps} must be step counts in 1..{LCM_ORIGINAL_STEPS}")
+        if self.use_lora and self.lora_rank < 1:
+            raise ConfigError(f"lora_rank={self.lora_rank} must be at least 1")
+        if self.adversarial_weight < 0 or self.distill_weight < 0 or self.adversarial_weight + self.distill_weight == 0:
+            raise ConfigError(f"adversarial_weight={self.adversarial_weight}, distill_weight={self.distill_weight}: "
+                              "need both >= 0 and at least one > 0")
+        if self.synthetic_steps < 1 or self.synthetic_guidance_scale < 0:
+            raise ConfigError(f"synthetic_steps={self.synthetic_steps} must be >= 1 and "
+                              f"synthetic_guidance_scale={self.synthetic_guidance_scale} >= 0")
+        if self.timestep_warmup_steps < 0:
+            raise ConfigError(f"timestep_warmup_steps={self.timestep_warmup_steps} must be 0 or more")
+
+
+def student_timestep_set(teacher: TeacherWrapper, step_counts: list[int]) -> torch.Tensor:
+    """Descending union of the exported scheduler's grids for each step count (e.g. 999, 759, 499, 259)."""
+    grids = [few_step_timesteps(teacher.schedule, n, LCM_ORIGINAL_STEPS) for n in sorted(set(step_counts))]
+    return torch.unique(torch.cat(grids)).flip(0)
+
+
+class LADDMethod(LatentMethodBase):
+    """The LADD generator/discriminator step and export for the shared loop."""
+
+    name = "ladd"
+
+    def __init__(self, cfg: LADDConfig, teacher: TeacherWrapper, data: LatentPromptData):
+        self.cfg, self.teacher, self.data = cfg, teacher, data
+        self.export_name = "lora" if cfg.use_lora else "pipeline"
+        self.timesteps = student_timestep_set(teacher, cfg.student_steps)
+        self.scaling = None if teacher.schedule.kind == "flow" else cfg.timestep_scaling_factor
+        base = teacher.model
+        torch.manual_seed(cfg.seed)
+        if cfg.use_lora:
+            self.lora_config = add_lora(base, cfg.lora_rank, cfg.lora_alpha, teacher.is_dit)
+            self.student_net = base
+        else:
+            base.requires_grad_(False)
+            self.student_net = full_student(base, None)
+        if cfg.gradient_checkpointing:
+            self.student_net.enable_gradient_checkpointing()
+        self.adversarial = (AdversarialTerm(teacher, base, cfg, cfg.use_lora, cfg.seed) if cfg.adversarial_weight > 0 else None)
+        self.synthetic: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # --- shared-loop interface -------------------------------------------------------------------------
+    def prepare_extra(self, accelerator: Accelerator, out: Path) -> None:
+        if self.cfg.real_data == "synthetic":
+            self.synthetic = cached_teacher_latents(out / "synthetic_latents.safetensors", self.teacher, self.data.captions,
+                                                    self.cfg.synthetic_steps, self.cfg.synthetic_guidance_scale,
+                                                    self.cfg.seed, accelerator, self.cfg.use_lora)
+        if self.adversarial is not None:
+            self.adversarial.prepare(accelerator)
+
+    def make_batch(self, indices: list[int], device: torch.device) -> dict[str, Any]:
+        batch = super().make_batch(indices, device)
+        if self.synthetic is not None:
+            batch["latents"] = self.synthetic[0][indices].to(device)
+            batch["pair_noise"] = self.synthetic[1][indices].to(device)
+        return batch
+
+    def timestep_probabilities(self, step: int) -> torch.Tensor:
+        """Warm-up of the student timestep distribution: all mass on the noisiest, then uniform (LADD sec. 4)."""
+        n = len(self.timesteps)
+        mix = 1.0 if self.cfg.timestep_warmup_steps == 0 else min(step / self.cfg.timestep_warmup_steps, 1.0)
+        start = torch.zeros(n)
+        start[0] = 1.0
+        return (1 - mix) * start + mix * torch.full((n,), 1.0 / n)
+
+    def compute_loss(self, model: torch.nn.Module, batch: dict[str, Any], rand: StepRandom):
+        x0, embeds = batch["latents"], batch["embeds"]
+        cdf = self.timestep_probabilities(rand.step).cumsum(0)
+        index = torch.searchsorted(cdf, rand.rand().cpu() * cdf[-1], right=True).clamp_max(len(self.timesteps) - 1)
+        t = self.timesteps[index].to(x0.device)
+        alpha, sigma = (v.view(-1, 1, 1, 1).to(x0) for v in self.teacher.schedule.alpha_sigma(t))
+        noise = rand.randn(*x0.shape[1:]).to(x0)
+        x_t = alpha * x0 + sigma * noise
+        start_noise = batch.get("pair_noise", noise)  # inference starts from pure noise at the noisiest timestep
+        x_t = torch.where((t == self.timesteps[0]).view(-1, 1, 1, 1), start_noise, x_t)
+        fake = consistency_output(x_t, self.teacher.with_model(model).predict(x_t, t, embeds), t, self.scaling)
+        loss, logs = fake.new_zeros(()), {}
+        if self.adversarial is not None:
+            logs.update(self.adversarial.discriminator_step(x0, fake, embeds, rand))
+            g_loss = self.adversarial.generator_loss(fake, embeds, rand)
+            loss = loss + self.cfg.adversarial_weight * g_loss
+            logs["g_loss"] = float(g_loss.detach())
+        if self.cfg.distill_weight > 0:
+            regression = torch.nn.functional.mse_loss(fake.float(), x0.float())
+            loss = loss + self.cfg.distill_weight * regression
+            logs["distill_loss"] = float(regression.detach())
+        return loss, logs
+
+    def after_optimizer_step(self, model: torch.nn.Module) -> None:
+        pass
+
+    def checkpoint_objects(self) -> list[Any]:
+        return []  # heads and their optimizer are prepared by the accelerator, so they are saved already
+
+    # --- sampling, validation, export ----------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, model: torch.nn.Module, prompts: list[str], steps: int, noise: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        """The student's few-step sampler: x0 prediction, re-noise to the next grid timestep, repeat."""
+        student = self.teacher.with_model(model)
+        embeds = student.encode_prompts(prompts)
+        was_training = model.training
+        model.eval()
+        out = sample_consistency(lambda x, t: student.predict(x, t, embeds), noise,
+                                 few_step_timesteps(self.teacher.schedule, steps, LCM_ORIGINAL_STEPS),
+                                 self.teacher.schedule, torch.Generator().manual_seed(seed), self.scaling)
+        model.train(was_training)
+        return out
+
+    def validate(self, model: torch.nn.Module, step: int, out_dir: Path, accelerator: Accelerator) -> None:
+        from stepdistill.sampling import decode, initial_noise
+
+        prompts = self.cfg.validation_prompts
+        noise = initial_noise(self.teacher, len(prompts), seed=0)
+        grids = {k: decode(self.teacher, self.sample(model, prompts, k, noise)) for k in sorted(set(self.cfg.student_steps))}
+        write_validation(grids, step, out_dir, accelerator)
+
+    def scheduler_spec(self) -> tuple[str, dict[str, Any]]:
+        """The diffusers scheduler (and options) whose N-step schedule is the one the student was trained on."""
+        if self.teacher.schedule.kind == "flow":
+            return "FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True}
+        return "LCMScheduler", {"timestep_scaling": self.cfg.timestep_scaling_factor,
+                                "original_inference_steps": LCM_ORIGINAL_STEPS}
+
+    def export(self, model: torch.nn.Module, out_dir: Path) -> None:
+        name, kwargs = self.scheduler_spec()
+        steps = max(self.cfg.student_steps)
+        if self.cfg.use_lora:
+            write_lora(model, self.teacher, out_dir, scheduler=name, method="ladd-lora", scheduler_kwargs=kwargs)
+        else:
+            export = copy.copy(self.teacher.pipe)
+            scheduler_cls = FlowMatchEulerDiscreteScheduler if name.startswith("FlowMatch") else LCMScheduler
+            export.register_modules(scheduler=scheduler_cls.from_config(self.teacher.pipe.scheduler.config, **kwargs))
+            export.register_modules(**{"transformer" if self.teacher.is_dit else "unet": model})
+            export.save_pretrained(out_dir, safe_serialization=True)
+            (out_dir / STUDENT_META).write_text(json.dumps({"method": "ladd", "guidance_scale": 1.0}))
+        setup = f"{name}.from_config(pipe.scheduler.config, " + ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) + ")"
+        write_model_card(out_dir, self.cfg, self.teacher, lora=self.cfg.use_lora, steps=steps, guidance_scale=1.0,
+                         scheduler_setup=setup)

@@ -1,0 +1,132 @@
+"""LADD trainer mechanics on small random teachers: export formats and samplers, resume, bad options."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, LCMScheduler, StableDiffusion3Pipeline, StableDiffusionPipeline
+
+from stepdistill.data.emoji32 import load_emoji32
+from stepdistill.errors import ConfigError
+from stepdistill.methods.common import LatentPromptData
+from stepdistill.methods.ladd import LADDConfig, LADDMethod, student_timestep_set
+from stepdistill.teacher import load_teacher
+from stepdistill.training.loop import run_training
+
+
+def small_data(count: int = 16):
+    data = load_emoji32()
+    data.images, data.captions = data.images[:count], data.captions[:count]
+    return data
+
+
+def train(teacher_dir: Path, out: Path, **overrides) -> LADDMethod:
+    options = dict(pretrained_teacher_model=str(teacher_dir), output_dir=str(out), max_train_steps=3, train_batch_size=4,
+                   learning_rate=1e-2, lr_warmup_steps=0, report_to="none", validation_steps=0, checkpointing_steps=2,
+                   lora_rank=4, lora_alpha=8.0, synthetic_steps=2, timestep_warmup_steps=2, disc_hidden=8, distill_weight=0.5)
+    options.update(overrides)
+    cfg = LADDConfig(**options)
+    cfg.validate()
+    teacher = load_teacher(teacher_dir, max_sequence_length=8)
+    method = LADDMethod(cfg, teacher, LatentPromptData(teacher, small_data()))
+    run_training(method, cfg)
+    return method
+
+
+def test_student_timesteps_are_the_exported_schedulers_grids(random_teachers):
+    sd = load_teacher(random_teachers / "sd")
+    assert student_timestep_set(sd, [1, 2, 4]).tolist() == [999, 759, 499, 259]
+    lcm = LCMScheduler.from_config(sd.pipe.scheduler.config)
+    lcm.set_timesteps(4)
+    assert lcm.timesteps.tolist() == [999, 759, 499, 259]
+    sd3 = load_teacher(random_teachers / "sd3", max_sequence_length=8)
+    flow = FlowMatchEulerDiscreteScheduler.from_config(sd3.pipe.scheduler.config)
+    flow.set_timesteps(4)
+    torch.testing.assert_close(student_timestep_set(sd3, [4]), flow.timesteps.float())
+
+
+def test_timestep_warmup_moves_from_the_noisiest_to_uniform(random_teachers, tmp_path):
+    method = train(random_teachers / "sd", tmp_path / "run", max_train_steps=1, timestep_warmup_steps=10, use_lora=False)
+    assert method.timestep_probabilities(0).tolist() == [1.0, 0.0, 0.0, 0.0]
+    torch.testing.assert_close(method.timestep_probabilities(5), torch.tensor([0.625, 0.125, 0.125, 0.125]))
+    torch.testing.assert_close(method.timestep_probabilities(50), torch.full((4,), 0.25))
+
+
+@pytest.mark.parametrize("kind,cls", [("sd", StableDiffusionPipeline), ("sd3", StableDiffusion3Pipeline)])
+def test_lora_export_samples_like_our_sampler_in_a_fresh_pipeline(random_teachers, tmp_path, kind, cls):
+    import diffusers
+    import json
+
+    method = train(random_teachers / kind, tmp_path / "run")
+    lora_dir = tmp_path / "run" / "lora"
+    meta = json.loads((lora_dir / "stepdistill_student.json").read_text())
+    assert meta["method"] == "ladd-lora" and meta["guidance_scale"] == 1.0
+    extra = {"text_encoder_3": None, "tokenizer_3": None} if kind == "sd3" else {}
+    pipe = cls.from_pretrained(random_teachers / kind, dtype=torch.float32, **extra)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(lora_dir))
+    pipe.scheduler = getattr(diffusers, meta["scheduler"]).from_config(pipe.scheduler.config, **meta["scheduler_kwargs"])
+    call = {"max_sequence_length": 8} if kind == "sd3" else {}
+    prompts = ["rocket", "sun"]
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    for steps in (1, 2, 4):
+        ours = method.sample(method.student_net, prompts, steps, noise, seed=9)
+        torch.manual_seed(9)  # StableDiffusion3Pipeline does not hand its generator to scheduler.step
+        theirs = pipe(prompts, num_inference_steps=steps, guidance_scale=1.0, latents=noise, output_type="latent",
+                      generator=torch.Generator().manual_seed(9), **call).images
+        torch.testing.assert_close(theirs, ours, atol=2e-4, rtol=1e-4)
+    assert "load_lora_weights" in (lora_dir / "README.md").read_text()
+
+
+@pytest.mark.parametrize("kind", ["sd", "sd3"])
+def test_full_student_pipeline_loads_with_its_few_step_scheduler(random_teachers, tmp_path, kind):
+    method = train(random_teachers / kind, tmp_path / "run", use_lora=False)
+    extra = {"text_encoder_3": None, "tokenizer_3": None} if kind == "sd3" else {}
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "run" / "pipeline", dtype=torch.float32, **extra)
+    pipe.set_progress_bar_config(disable=True)
+    assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler if kind == "sd3" else LCMScheduler)
+    call = {"max_sequence_length": 8} if kind == "sd3" else {}
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    ours = method.sample(method.student_net, ["fire", "sun"], 2, noise, seed=1)
+    torch.manual_seed(1)
+    theirs = pipe(["fire", "sun"], num_inference_steps=2, guidance_scale=1.0, latents=noise, output_type="latent",
+                  generator=torch.Generator().manual_seed(1), **call).images
+    torch.testing.assert_close(theirs, ours, atol=2e-4, rtol=1e-4)
+    plain = load_teacher(random_teachers / kind, max_sequence_length=8)  # the teacher itself is left as it was
+    assert any((a - b).abs().max() > 0 for a, b in zip(plain.model.parameters(), method.student_net.parameters()))
+
+
+def test_ladd_resume_reproduces_uninterrupted_run_with_discriminator_state(random_teachers, tmp_path):
+    from safetensors.torch import load_file
+
+    train(random_teachers / "sd", tmp_path / "a", max_train_steps=4)
+    train(random_teachers / "sd", tmp_path / "b", max_train_steps=2, checkpoints_total_limit=None)
+    shutil.rmtree(tmp_path / "b" / "lora")
+    train(random_teachers / "sd", tmp_path / "b", max_train_steps=4, resume_from_checkpoint="latest")
+    a = load_file(tmp_path / "a" / "lora" / "pytorch_lora_weights.safetensors")
+    b = load_file(tmp_path / "b" / "lora" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    heads_a = load_file(tmp_path / "a" / "checkpoint-4" / "model_1.safetensors")
+    heads_b = load_file(tmp_path / "b" / "checkpoint-4" / "model_1.safetensors")
+    assert heads_a.keys() == heads_b.keys() and all(torch.equal(heads_a[k], heads_b[k]) for k in heads_a)
+    assert (tmp_path / "b" / "checkpoint-4" / "optimizer_1.bin").is_file()  # the discriminator's optimizer state
+
+
+def test_synthetic_cache_with_other_settings_is_refused(random_teachers, tmp_path):
+    train(random_teachers / "sd", tmp_path / "run", max_train_steps=2)
+    with pytest.raises(ConfigError, match="synthetic latent cache"):
+        train(random_teachers / "sd", tmp_path / "run", max_train_steps=4, synthetic_steps=3, resume_from_checkpoint="latest")
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (dict(student_steps=[0, 4]), r"student_steps=\[0, 4\]"),
+    (dict(adversarial_weight=0.0, distill_weight=0.0), "at least one > 0"),
+    (dict(disc_learning_rate=0.0), "disc_learning_rate=0.0 must be positive"),
+    (dict(renoise_std=0.0), "renoise_std=0.0"),
+    (dict(synthetic_steps=0), "synthetic_steps=0"),
+])
+def test_bad_ladd_options(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        LADDConfig(**overrides).validate()
