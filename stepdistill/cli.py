@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from stepdistill.errors import cli_errors
+from stepdistill.errors import ConfigError, cli_errors
 from stepdistill.testbed.teacher_training import VALIDATION_PROMPTS
 
 
@@ -17,6 +17,13 @@ def _sample(args: argparse.Namespace) -> None:
     from stepdistill.testbed import resolve_teacher_path
     from stepdistill.utils.images import save_grid
 
+    for name in ("steps", "seeds", "scale"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name} {getattr(args, name)} is not allowed; it must be at least 1")
+    if args.guidance_scale < 0:
+        raise ConfigError(f"--guidance_scale {args.guidance_scale} is not allowed; it must be 0 or more")
+    if Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out!r} is a folder; give a .png file path")
     teacher = load_teacher(resolve_teacher_path(args.teacher), max_sequence_length=args.max_sequence_length)
     prompts = args.prompts or VALIDATION_PROMPTS
     rows = []

@@ -76,6 +76,7 @@ def load_student(spec: str, teacher_path: Path, call_kwargs: dict) -> Generator:
     meta = json.loads((folder / STUDENT_META).read_text()) if (folder / STUDENT_META).is_file() else {}
     if (folder / LORA_FILE).is_file():
         pipe = load_teacher(teacher_path).pipe
+        check_lora_fits(folder, pipe, meta)
         pipe.load_lora_weights(str(folder))
     elif (folder / "model_index.json").is_file():
         pipe = load_teacher(folder).pipe
@@ -84,6 +85,35 @@ def load_student(spec: str, teacher_path: Path, call_kwargs: dict) -> Generator:
     if "scheduler" in meta:
         pipe.scheduler = getattr(diffusers, meta["scheduler"]).from_config(pipe.scheduler.config, **meta.get("scheduler_kwargs", {}))
     return Generator(name, pipe, float(meta.get("guidance_scale", 1.0)), call_kwargs)
+
+
+def check_lora_fits(folder: Path, pipe: DiffusionPipeline, meta: dict) -> None:
+    """Refuse a LoRA made for another architecture: diffusers would only warn and load nothing (or fail
+    deep inside peft with a shape error)."""
+    from safetensors import safe_open
+
+    wanted = meta.get("teacher_class")
+    if wanted and wanted != type(pipe).__name__:
+        raise ModelError(f"LoRA {str(folder)!r} was trained for a {wanted}, not for this {type(pipe).__name__} teacher; "
+                         f"load it into a {wanted}")
+    denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    prefix = "unet." if hasattr(pipe, "unet") else "transformer."
+    modules = dict(denoiser.named_modules())
+    targets, shapes_ok = set(), True
+    with safe_open(str(folder / LORA_FILE), framework="pt") as handle:
+        for key in handle.keys():
+            if not key.startswith(prefix):
+                continue
+            name = key.removeprefix(prefix).split(".lora_")[0]
+            targets.add(name)
+            layer = modules.get(name)
+            fan_in = getattr(layer, "in_features", getattr(layer, "in_channels", None))
+            shape = handle.get_slice(key).get_shape()
+            if ".lora_A." in key and fan_in is not None and len(shape) >= 2 and shape[1] != fan_in:
+                shapes_ok = False
+    if not targets or not targets <= modules.keys() or not shapes_ok:
+        raise ModelError(f"LoRA {str(folder)!r} does not fit this {type(pipe).__name__}'s {type(denoiser).__name__} "
+                         f"(layer names or shapes differ); it was made for another architecture")
 
 
 def shared_noise(teacher: TeacherWrapper, count: int, seed: int) -> torch.Tensor:
