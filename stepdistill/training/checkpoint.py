@@ -6,7 +6,12 @@ import re
 import shutil
 from pathlib import Path
 
+from typing import Any
+
+import torch
 from accelerate import Accelerator
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from stepdistill.errors import ConfigError
 
@@ -22,7 +27,8 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, trainer: str, total_limit: int | None) -> Path:
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, trainer: str, total_limit: int | None,
+                    extra_objects: list[Any] = ()) -> Path:
     """Save the full training state at ``step``; the folder appears only once it is complete."""
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".tmp-checkpoint-{step}"
@@ -32,6 +38,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, train
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        save_extra_states(list(extra_objects), tmp)
         (tmp / META_FILE).write_text(json.dumps({"step": step, "trainer": trainer}))
         if final.exists():
             shutil.rmtree(final)
@@ -61,3 +68,46 @@ def resolve_resume(output_dir: Path, resume_from: str | None, trainer: str) -> t
     if meta["trainer"] != trainer:
         raise ConfigError(f"checkpoint {str(path)!r} was written by trainer {meta['trainer']!r}, not {trainer!r}")
     return path, int(meta["step"])
+
+
+def _split_state(value: Any, tensors: dict[str, torch.Tensor], prefix: str) -> Any:
+    """A JSON skeleton of a state dict with every tensor moved into ``tensors`` under a path key."""
+    if torch.is_tensor(value):
+        key = prefix or "value"
+        tensors[key] = value.detach().cpu().clone().contiguous()  # no shared storage (safetensors refuses it)
+        return {"__tensor__": key}
+    if isinstance(value, dict):
+        return {"__dict__": [[k, _split_state(v, tensors, f"{prefix}/{k}")] for k, v in value.items()]}
+    if isinstance(value, (list, tuple)):
+        return {"__list__": [_split_state(v, tensors, f"{prefix}/{i}") for i, v in enumerate(value)]}
+    return value
+
+
+def _join_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(skeleton, dict) and "__tensor__" in skeleton:
+        return tensors[skeleton["__tensor__"]]
+    if isinstance(skeleton, dict) and "__dict__" in skeleton:
+        return {k: _join_state(v, tensors) for k, v in skeleton["__dict__"]}
+    if isinstance(skeleton, dict) and "__list__" in skeleton:
+        return [_join_state(v, tensors) for v in skeleton["__list__"]]
+    return skeleton
+
+
+def save_extra_states(objects: list[Any], folder: Path) -> None:
+    """State of objects outside accelerate's models/optimizers (EMA, target networks) as safetensors plus a
+    JSON skeleton, instead of accelerate's pickled custom checkpoints that load with weights_only=False."""
+    for index, obj in enumerate(objects):
+        tensors: dict[str, torch.Tensor] = {}
+        skeleton = _split_state(obj.state_dict(), tensors, "")
+        save_file(tensors, str(folder / f"extra_state_{index}.safetensors"), metadata={"skeleton": json.dumps(skeleton)})
+
+
+def load_extra_states(objects: list[Any], folder: Path) -> None:
+    """Inverse of :func:`save_extra_states`; refuses a checkpoint that lacks one of the objects."""
+    for index, obj in enumerate(objects):
+        path = folder / f"extra_state_{index}.safetensors"
+        if not path.is_file():
+            raise ConfigError(f"checkpoint {str(folder)!r} has no {path.name}; it was written by another configuration")
+        with safe_open(str(path), framework="pt") as handle:
+            skeleton = json.loads(handle.metadata()["skeleton"])
+        obj.load_state_dict(_join_state(skeleton, load_file(str(path))))

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from stepdistill.errors import ConfigError, StepdistillError
 from stepdistill.methods.export import replace_folder
-from stepdistill.training.checkpoint import list_checkpoints, resolve_resume, save_checkpoint
+from stepdistill.training.checkpoint import list_checkpoints, load_extra_states, resolve_resume, save_checkpoint
 from stepdistill.training.step_random import StepRandom, batch_indices
 
 
@@ -139,12 +139,11 @@ def run_training(method: TrainingMethod, cfg: LoopConfig, tracker_config: dict[s
     prepare_extra = getattr(method, "prepare_extra", None)  # optional: e.g. a discriminator and its optimizer
     if prepare_extra is not None:
         prepare_extra(accelerator, out)
-    for obj in method.checkpoint_objects():
-        accelerator.register_for_checkpointing(obj)
     start = 0
     resume = resolve_resume(out, cfg.resume_from_checkpoint, method.name)
     if resume is not None:
         accelerator.load_state(str(resume[0]))
+        load_extra_states(method.checkpoint_objects(), resume[0])
         start = resume[1]
     if accelerator.is_main_process and cfg.report_to != "none":
         accelerator.init_trackers(method.name, config={k: v for k, v in (tracker_config or {}).items()
@@ -194,7 +193,7 @@ def _train_steps(method, cfg, accelerator, model, optimizer, lr_scheduler, start
         if on_step_end is not None:
             on_step_end(model, done, out, accelerator)
         if done % cfg.checkpointing_steps == 0 or done == cfg.max_train_steps:
-            save_checkpoint(accelerator, out, done, method.name, cfg.checkpoints_total_limit)
+            save_checkpoint(accelerator, out, done, method.name, cfg.checkpoints_total_limit, method.checkpoint_objects())
         if cfg.validation_steps and (done % cfg.validation_steps == 0 or done == cfg.max_train_steps) and accelerator.is_main_process:
             method.validate(accelerator.unwrap_model(model), done, out / "validation", accelerator)
     return logs
