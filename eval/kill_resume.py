@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = 6
+STEPS = 12
 
 
 @dataclass
@@ -115,7 +115,7 @@ def run_case(case: TrainerCase, work: Path, kills: int, rng: random.Random) -> d
         if last >= STEPS - 1:
             break
         after = min(last + rng.randint(1, 2), STEPS - 1)
-        delay = rng.uniform(0.0, 1.5)
+        delay = rng.uniform(0.0, 0.3)
         was_killed = run_and_kill(_command(case, killed_dir, resume=i > 0), killed_dir, after, delay)
         mid_write = any(p.name.startswith(".tmp-") for p in killed_dir.iterdir())  # died while saving
         done = _completed_checkpoints(killed_dir)

@@ -78,6 +78,7 @@ def load_student(spec: str, teacher_path: Path, call_kwargs: dict) -> Generator:
         pipe = load_teacher(teacher_path).pipe
         check_lora_fits(folder, pipe, meta)
         pipe.load_lora_weights(str(folder))
+        pipe.fuse_lora()  # as users deploy it: no peft layers on the hot path (latencies are comparable)
     elif (folder / "model_index.json").is_file():
         pipe = load_teacher(folder).pipe
     else:

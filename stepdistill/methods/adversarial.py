@@ -18,6 +18,7 @@ from stepdistill.methods.common import adapters_disabled
 from stepdistill.sampling import latent_shape
 from stepdistill.teacher import PromptEmbeds, TeacherWrapper
 from stepdistill.training.step_random import StepRandom
+from stepdistill.training.timing import timed
 
 
 @dataclass
@@ -96,6 +97,11 @@ class AdversarialTerm:
     def discriminator_step(self, real_x0: torch.Tensor, fake_x0: torch.Tensor, embeds: PromptEmbeds,
                            rand: StepRandom) -> dict[str, float]:
         """One update of the heads on real and (detached) student latents; returns logging values."""
+        with timed("discriminator"):
+            return self._discriminator_step(real_x0, fake_x0, embeds, rand)
+
+    def _discriminator_step(self, real_x0: torch.Tensor, fake_x0: torch.Tensor, embeds: PromptEmbeds,
+                            rand: StepRandom) -> dict[str, float]:
         assert self.accelerator is not None, "prepare() the adversarial term before training"
         batch = real_x0.shape[0]
         (t_real, x_real), (t_fake, x_fake) = self.renoise(real_x0, rand), self.renoise(fake_x0.detach(), rand)

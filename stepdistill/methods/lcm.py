@@ -25,6 +25,7 @@ from stepdistill.solvers import (consistency_output, ddim_step, guidance_scale_e
 from stepdistill.teacher import TeacherWrapper
 from stepdistill.training.loop import LoopConfig
 from stepdistill.training.step_random import StepRandom
+from stepdistill.training.timing import timed
 
 
 @dataclass
@@ -117,7 +118,7 @@ class LCMMethod(LatentMethodBase):
         extra = self._w_kwargs(w)
         student = self.teacher.with_model(model)
         prediction = consistency_output(x_t, student.predict(x_t, t, embeds, **extra), t, self.cfg.timestep_scaling_factor)
-        with torch.no_grad():
+        with torch.no_grad(), timed("teacher"):
             target = self._target(x_t, t_prev, t, embeds, w, extra)
         if self.cfg.loss_type == "l2":
             loss = torch.nn.functional.mse_loss(prediction.float(), target.float())

@@ -26,6 +26,7 @@ from stepdistill.solvers import ddim_step, guidance_scale_embedding, halving_pai
 from stepdistill.teacher import Prediction, TeacherWrapper
 from stepdistill.training.loop import LoopConfig
 from stepdistill.training.step_random import StepRandom
+from stepdistill.training.timing import timed
 
 
 @dataclass
@@ -173,14 +174,14 @@ class ProgressiveMethod(LatentMethodBase):
             t = rand.randint(0, self.teacher.schedule.num_train_timesteps).to(x0.device)
             t = t + 1 if self.teacher.schedule.kind == "flow" else t  # flow timesteps run 1..T
             x_t = self._noised(x0, t, rand)
-            with torch.no_grad():
+            with torch.no_grad(), timed("teacher"):
                 x0_target = self._teacher_predict(phase, x_t, t, embeds, w).x0
         else:
             student_grid, teacher_grid = (g.to(x0.device) for g in self.grids[phase.student_steps])
             i = rand.randint(0, phase.student_steps).to(x0.device)
             t, t_mid, t_next = student_grid[i], teacher_grid[2 * i + 1], student_grid[i + 1]
             x_t = self._noised(x0, t, rand)
-            with torch.no_grad():
+            with torch.no_grad(), timed("teacher"):
                 x_mid = self._teacher_step(phase, x_t, t, t_mid, embeds, w)
                 x_next = self._teacher_step(phase, x_mid, t_mid, t_next, embeds, w)
                 x0_target = x0_from_two_steps(x_t, x_next, t, t_next, self.teacher)

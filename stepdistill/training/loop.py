@@ -20,6 +20,7 @@ from stepdistill.errors import ConfigError, StepdistillError
 from stepdistill.methods.export import replace_folder
 from stepdistill.training.checkpoint import list_checkpoints, load_extra_states, resolve_resume, save_checkpoint
 from stepdistill.training.step_random import StepRandom, batch_indices
+from stepdistill.training.timing import timed
 
 
 @dataclass
@@ -166,17 +167,20 @@ def _train_steps(method, cfg, accelerator, model, optimizer, lr_scheduler, start
     for step in progress:
         model.train()
         indices = batch_indices(method.num_items(), global_batch, step, cfg.seed, rank, cfg.train_batch_size)
-        batch = method.make_batch(indices, accelerator.device)
+        with timed("data"):
+            batch = method.make_batch(indices, accelerator.device)
         rand = StepRandom(cfg.seed, step, rank, world, cfg.train_batch_size, accelerator.device)
-        with accelerator.autocast():
+        with timed("student"), accelerator.autocast():  # teacher / discriminator time is split off inside
             loss, logs = method.compute_loss(model, batch, rand)
-        accelerator.backward(loss)
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        finite = bool(torch.isfinite(loss.detach()) & torch.isfinite(torch.as_tensor(grad_norm)))
+        with timed("student"):
+            accelerator.backward(loss)
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            finite = bool(torch.isfinite(loss.detach()) & torch.isfinite(torch.as_tensor(grad_norm)))
+            if finite:
+                optimizer.step()
+                lr_scheduler.step()
+                method.after_optimizer_step(model)
         if finite:
-            optimizer.step()
-            lr_scheduler.step()
-            method.after_optimizer_step(model)
             bad_in_a_row = 0
         else:
             skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1

@@ -1,0 +1,241 @@
+"""Speed benchmark: training throughput, step-time split and peak memory per trainer; sampling latency;
+and LCM-LoRA against diffusers' reference script on the same teacher, batch and machine.
+
+    python eval/benchmark_speed.py --output_dir runs/bench_speed
+    python eval/benchmark_speed.py --parts reference --reference_script path/to/train_lcm_distill_lora_sd_wds.py
+
+Each training measurement runs in its own process (so peak memory is its own): ``--measure_steps`` steps
+are timed after ``--warmup_steps``. The reference comparison times both scripts the same way, from their tqdm
+progress (elapsed time between the warm-up step and the last step), with the same batch, LoRA rank, solver
+grid, loss and guidance range; its peak memory is each main process's max RSS. The one change made to a copy
+of the reference script is the length of its unconditional prompt (hard-coded 77 tokens; the testbed's text
+encoder takes 32). The reference script is not
+shipped: take ``examples/consistency_distillation/train_lcm_distill_lora_sd_wds.py`` from the diffusers
+repository at the installed version (needs ``webdataset``, ``braceexpand`` and ``torchvision``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import time
+from io import BytesIO
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAINER_CONFIGS = {"lcm": "lcm_lora_tiny_sd.yaml", "progressive": "progressive_tiny_sd.yaml", "ladd": "ladd_lora_tiny_sd.yaml"}
+
+
+# --- one trainer in this process ---------------------------------------------------------------------------
+def measure_trainer(trainer: str, out: Path, batch: int, warmup: int, steps: int, teacher: str) -> dict:
+    """Train ``warmup + steps`` steps with the trainer's shipped config; time the last ``steps``."""
+    import resource
+
+    from stepdistill.config import parse_cli
+    from stepdistill.methods.common import load_teacher_and_data
+    from stepdistill.training.loop import run_training
+    from stepdistill.training.timing import STEP_TIMER
+
+    total = warmup + steps
+    argv = ["--config", str(ROOT / "configs" / TRAINER_CONFIGS[trainer]), "--pretrained_teacher_model", teacher,
+            "--output_dir", str(out), "--overwrite_output_dir", "--train_batch_size", str(batch), "--report_to", "none",
+            "--validation_steps", "0", "--checkpointing_steps", "100000"]
+    if trainer == "progressive":
+        from stepdistill.methods.progressive import ProgressiveConfig as Config, ProgressiveMethod as Method
+        argv += ["--start_steps", "32", "--end_steps", "16", "--iterations_per_round", str(total)]
+    elif trainer == "ladd":
+        from stepdistill.methods.ladd import LADDConfig as Config, LADDMethod as Method
+        argv += ["--max_train_steps", str(total), "--synthetic_steps", "2"]  # the cache's quality does not change step time
+    else:
+        from stepdistill.methods.lcm import LCMConfig as Config, LCMMethod as Method
+        argv += ["--max_train_steps", str(total)]
+    cfg = parse_cli(Config, argv)
+    teacher_wrapper, data = load_teacher_and_data(cfg)
+    method = Method(cfg, teacher_wrapper, data)
+    marks: dict[int, float] = {}
+
+    def on_step_end(model, done, out_dir, accelerator) -> None:
+        marks[done] = time.perf_counter()
+        if done == warmup:
+            STEP_TIMER.reset(enabled=True)
+
+    method.on_step_end = on_step_end
+    run_training(method, cfg)
+    seconds = (marks[total] - marks[warmup]) / steps
+    split = {k: v / steps for k, v in STEP_TIMER.totals.items()}
+    return {"trainer": trainer, "batch": batch, "s_per_step": seconds, "images_per_s": batch / seconds,
+            "split_s_per_step": split, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+# --- sampling latency --------------------------------------------------------------------------------------
+def measure_sampling(teacher: str, students: list[str], steps: list[int]) -> list[dict]:
+    """Median single-image latency (text encoding and VAE decode included) of the teacher and each student."""
+    from stepdistill.evaluation.generate import Generator, load_student, shared_noise, teacher_solver
+    from stepdistill.teacher import load_teacher
+    from stepdistill.testbed import resolve_teacher_path
+
+    path = resolve_teacher_path(teacher)
+    wrapper = load_teacher(path)
+    noise = shared_noise(wrapper, 1, 0)
+    wrapper.pipe.scheduler = teacher_solver(wrapper.pipe, "ddim")
+    rows = [{"model": "teacher DDIM, CFG 4", "steps": 50,
+             "latency_ms": Generator("teacher", wrapper.pipe, 4.0, {}).latency_ms("rocket", 50, noise)}]
+    for spec in students:
+        student = load_student(spec, path, {})  # LoRA students are fused, as for deployment
+        for k in steps:
+            rows.append({"model": spec.split("=")[0], "steps": k, "latency_ms": student.latency_ms("rocket", k, noise)})
+    return rows
+
+
+# --- reference comparison ----------------------------------------------------------------------------------
+def write_shards(folder: Path, per_shard: int = 500) -> str:
+    """emoji32 as webdataset tar shards (png + txt), the input format diffusers' wds scripts read."""
+    from PIL import Image
+
+    from stepdistill.data.emoji32 import load_emoji32
+
+    data = load_emoji32()
+    folder.mkdir(parents=True, exist_ok=True)
+    count = (len(data.captions) + per_shard - 1) // per_shard
+    for shard in range(count):
+        with tarfile.open(folder / f"{shard:05d}.tar", "w") as tar:
+            for i in range(shard * per_shard, min((shard + 1) * per_shard, len(data.captions))):
+                for suffix, payload in (("png", _png(Image.fromarray(data.images[i]))), ("txt", data.captions[i].encode())):
+                    info = tarfile.TarInfo(f"{i:06d}.{suffix}")
+                    info.size = len(payload)
+                    tar.addfile(info, BytesIO(payload))
+    return str(folder / f"{{00000..{count - 1:05d}}}.tar")
+
+
+def _png(image) -> bytes:
+    buffer = BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+TQDM = re.compile(r"(\d+)/(\d+) \[(?:(\d+):)?(\d+):(\d+)<")
+
+
+def tqdm_seconds_per_step(log: str, warmup: int) -> float:
+    """Elapsed time between the warm-up step and the last step, read from a tqdm progress log."""
+    seen: dict[int, float] = {}
+    for match in TQDM.finditer(log):
+        n, hours, minutes, secs = int(match[1]), int(match[3] or 0), int(match[4]), int(match[5])
+        seen.setdefault(n, hours * 3600 + minutes * 60 + secs)
+    last = max(seen)
+    if warmup not in seen or last <= warmup:
+        raise RuntimeError(f"no tqdm progress found between step {warmup} and the end; log tail: {log[-500:]}")
+    return (seen[last] - seen[warmup]) / (last - warmup)
+
+
+def run_timed(cmd: list[str], env: dict[str, str]) -> tuple[str, float]:
+    """Run ``cmd``; return its stderr and the main process's peak RSS in MiB."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:2])} failed ({proc.returncode}): {err[-3000:]}")
+    return err, usage.ru_maxrss / 1024
+
+
+def compatible_reference(script: Path, work: Path) -> Path:
+    """A copy of the reference script whose unconditional prompt uses the tokenizer's length instead of a
+    hard-coded 77 (SD1.5's CLIP), which the testbed's 32-token text encoder cannot take. Nothing else changes."""
+    text = script.read_text()
+    hard_coded = 'padding="max_length", max_length=77'
+    if hard_coded not in text:
+        return script
+    work.mkdir(parents=True, exist_ok=True)
+    patched = work / script.name
+    patched.write_text(text.replace(hard_coded, 'padding="max_length", max_length=tokenizer.model_max_length'))
+    return patched
+
+
+def compare_with_reference(script: Path, work: Path, teacher: str, batch: int, warmup: int, steps: int) -> dict:
+    """Same LCM-LoRA work through diffusers' reference script and through train_lcm.py."""
+    from stepdistill.testbed import resolve_teacher_path
+
+    teacher_dir = str(resolve_teacher_path(teacher))
+    total = str(warmup + steps)
+    script = compatible_reference(script, work)
+    shared = ["--pretrained_teacher_model", teacher_dir, "--resolution", "32", "--train_batch_size", str(batch),
+              "--max_train_steps", total, "--learning_rate", "3e-5", "--lr_warmup_steps", "0", "--lora_rank", "16",
+              "--lora_alpha", "16", "--num_ddim_timesteps", "50", "--w_min", "3", "--w_max", "3", "--loss_type", "l2",
+              "--mixed_precision", "no", "--report_to", "tensorboard", "--seed", "0", "--checkpointing_steps", "100000"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_MININTERVAL": "0"}
+    reference = [sys.executable, str(script), *shared, "--output_dir", str(work / "reference"),
+                 "--train_shards_path_or_url", write_shards(work / "shards"), "--max_train_samples", "1388",
+                 "--dataloader_num_workers", "1", "--validation_steps", "100000"]
+    ours = [sys.executable, str(ROOT / "train_scripts" / "train_lcm.py"), *shared, "--output_dir", str(work / "ours"),
+            "--validation_steps", "0", "--use_target_network", "false", "--overwrite_output_dir"]
+    results = {}
+    for name, cmd in (("reference", reference), ("stepdistill", ours)):
+        log, peak = run_timed(cmd, env)
+        seconds = tqdm_seconds_per_step(log, warmup)
+        results[name] = {"s_per_step": seconds, "images_per_s": batch / seconds, "peak_rss_mib": peak}
+    results["speedup"] = results["stepdistill"]["images_per_s"] / results["reference"]["images_per_s"]
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", default="training,sampling", help="comma list of training, sampling, reference")
+    parser.add_argument("--trainers", default="lcm,progressive,ladd")
+    parser.add_argument("--teacher", default="tiny-sd")
+    parser.add_argument("--train_batch_size", type=int, default=32)
+    parser.add_argument("--warmup_steps", type=int, default=5)
+    parser.add_argument("--measure_steps", type=int, default=30)
+    parser.add_argument("--students", nargs="*", default=[], help="name=folder students for the sampling part")
+    parser.add_argument("--sampling_steps", default="1,2,4,8")
+    parser.add_argument("--reference_script", help="diffusers' train_lcm_distill_lora_sd_wds.py (reference part)")
+    parser.add_argument("--output_dir", default="runs/bench_speed")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    out = Path(args.output_dir)
+    if args.child:
+        result = measure_trainer(args.child, out / f"train_{args.child}", args.train_batch_size, args.warmup_steps,
+                                 args.measure_steps, args.teacher)
+        print("RESULT " + json.dumps(result))
+        return
+    parts = set(args.parts.split(","))
+    if "reference" in parts and not (args.reference_script and Path(args.reference_script).is_file()):
+        sys.exit(f"error: --reference_script {args.reference_script!r} is not a file; give diffusers' "
+                 "examples/consistency_distillation/train_lcm_distill_lora_sd_wds.py")
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict = {}
+    if "training" in parts:
+        report["training"] = []
+        for trainer in args.trainers.split(","):
+            cmd = [sys.executable, __file__, "--child", trainer, "--teacher", args.teacher, "--output_dir", str(out),
+                   "--train_batch_size", str(args.train_batch_size), "--warmup_steps", str(args.warmup_steps),
+                   "--measure_steps", str(args.measure_steps)]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
+            if line is None:
+                sys.exit(f"error: the {trainer} measurement failed: {done.stderr[-2000:]}")
+            row = json.loads(line[len("RESULT "):])
+            report["training"].append(row)
+            split = ", ".join(f"{k} {v:.3f}" for k, v in sorted(row["split_s_per_step"].items()))
+            print(f"{trainer:12s} {row['images_per_s']:7.1f} img/s  {row['s_per_step']:.3f} s/step ({split})  "
+                  f"peak RSS {row['peak_rss_mib']:.0f} MiB", flush=True)
+    if "sampling" in parts:
+        report["sampling"] = measure_sampling(args.teacher, args.students, [int(s) for s in args.sampling_steps.split(",")])
+        for row in report["sampling"]:
+            print(f"{row['model']:24s} {row['steps']:3d} steps  {row['latency_ms']:8.1f} ms/image", flush=True)
+    if "reference" in parts:
+        report["reference"] = compare_with_reference(Path(args.reference_script), out / "reference_run", args.teacher,
+                                                     args.train_batch_size, args.warmup_steps, args.measure_steps)
+        ref, ours = report["reference"]["reference"], report["reference"]["stepdistill"]
+        print(f"LCM-LoRA, batch {args.train_batch_size}: reference {ref['images_per_s']:.1f} img/s, {ref['peak_rss_mib']:.0f} MiB; "
+              f"stepdistill {ours['images_per_s']:.1f} img/s, {ours['peak_rss_mib']:.0f} MiB; "
+              f"speed-up {report['reference']['speedup']:.2f}x", flush=True)
+    (out / "bench_speed.json").write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
