@@ -92,23 +92,26 @@ def measure_sampling(teacher: str, students: list[str], steps: list[int]) -> lis
 
 
 # --- reference comparison ----------------------------------------------------------------------------------
-def write_shards(folder: Path, per_shard: int = 500) -> str:
-    """emoji32 as webdataset tar shards (png + txt), the input format diffusers' wds scripts read."""
+def write_shards(folder: Path, repeats: int) -> str:
+    """emoji32 as one webdataset tar shard (png + txt per sample), the input format of diffusers' wds scripts.
+
+    One shard holding the set ``repeats`` times: the reference script's own tar grouping fails on the
+    end-of-shard marker that current webdataset releases emit, so the run must not reach a shard's end."""
     from PIL import Image
 
     from stepdistill.data.emoji32 import load_emoji32
 
     data = load_emoji32()
     folder.mkdir(parents=True, exist_ok=True)
-    count = (len(data.captions) + per_shard - 1) // per_shard
-    for shard in range(count):
-        with tarfile.open(folder / f"{shard:05d}.tar", "w") as tar:
-            for i in range(shard * per_shard, min((shard + 1) * per_shard, len(data.captions))):
-                for suffix, payload in (("png", _png(Image.fromarray(data.images[i]))), ("txt", data.captions[i].encode())):
-                    info = tarfile.TarInfo(f"{i:06d}.{suffix}")
+    with tarfile.open(folder / "00000.tar", "w") as tar:
+        for copy in range(repeats):
+            for i, caption in enumerate(data.captions):
+                key = f"{copy:02d}{i:06d}"
+                for suffix, payload in (("png", _png(Image.fromarray(data.images[i]))), ("txt", caption.encode())):
+                    info = tarfile.TarInfo(f"{key}.{suffix}")
                     info.size = len(payload)
                     tar.addfile(info, BytesIO(payload))
-    return str(folder / f"{{00000..{count - 1:05d}}}.tar")
+    return str(folder / "00000.tar")
 
 
 def _png(image) -> bytes:
@@ -169,7 +172,8 @@ def compare_with_reference(script: Path, work: Path, teacher: str, batch: int, w
               "--mixed_precision", "no", "--report_to", "tensorboard", "--seed", "0", "--checkpointing_steps", "100000"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_MININTERVAL": "0"}
     reference = [sys.executable, str(script), *shared, "--output_dir", str(work / "reference"),
-                 "--train_shards_path_or_url", write_shards(work / "shards"), "--max_train_samples", "1388",
+                 "--train_shards_path_or_url",
+                 write_shards(work / "shards", repeats=2 + (warmup + steps) * batch // 1388), "--max_train_samples", "1388",
                  "--dataloader_num_workers", "1", "--validation_steps", "100000"]
     ours = [sys.executable, str(ROOT / "train_scripts" / "train_lcm.py"), *shared, "--output_dir", str(work / "ours"),
             "--validation_steps", "0", "--use_target_network", "false", "--overwrite_output_dir"]
