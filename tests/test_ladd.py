@@ -8,31 +8,15 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, LCMScheduler, StableDiffusion3Pipeline, StableDiffusionPipeline
 
-from stepdistill.data.emoji32 import load_emoji32
+from method_runs import train_method
 from stepdistill.errors import ConfigError
-from stepdistill.methods.common import LatentPromptData
 from stepdistill.methods.ladd import LADDConfig, LADDMethod, student_timestep_set
 from stepdistill.teacher import load_teacher
-from stepdistill.training.loop import run_training
-
-
-def small_data(count: int = 16):
-    data = load_emoji32()
-    data.images, data.captions = data.images[:count], data.captions[:count]
-    return data
 
 
 def train(teacher_dir: Path, out: Path, **overrides) -> LADDMethod:
-    options = dict(pretrained_teacher_model=str(teacher_dir), output_dir=str(out), max_train_steps=3, train_batch_size=4,
-                   learning_rate=1e-2, lr_warmup_steps=0, report_to="none", validation_steps=0, checkpointing_steps=2,
-                   lora_rank=4, lora_alpha=8.0, synthetic_steps=2, timestep_warmup_steps=2, disc_hidden=8, distill_weight=0.5)
-    options.update(overrides)
-    cfg = LADDConfig(**options)
-    cfg.validate()
-    teacher = load_teacher(teacher_dir, max_sequence_length=8)
-    method = LADDMethod(cfg, teacher, LatentPromptData(teacher, small_data()))
-    run_training(method, cfg)
-    return method
+    options = dict(synthetic_steps=2, timestep_warmup_steps=2, disc_hidden=8, distill_weight=0.5)
+    return train_method(LADDConfig, LADDMethod, teacher_dir, out, **{**options, **overrides})
 
 
 def test_student_timesteps_are_the_exported_schedulers_grids(random_teachers):

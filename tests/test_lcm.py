@@ -9,31 +9,13 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline, LatentConsistencyModelPipeline, LCMScheduler, StableDiffusion3Pipeline, StableDiffusionPipeline
 
-from stepdistill.data.emoji32 import load_emoji32
+from method_runs import small_data, train_method
 from stepdistill.errors import ConfigError
-from stepdistill.methods.common import LatentPromptData
 from stepdistill.methods.lcm import LCMConfig, LCMMethod
-from stepdistill.teacher import load_teacher
-from stepdistill.training.loop import run_training
-
-
-def small_data():
-    data = load_emoji32()
-    data.images, data.captions = data.images[:16], data.captions[:16]
-    return data
 
 
 def train(teacher_dir: Path, out: Path, **overrides) -> LCMMethod:
-    options = dict(pretrained_teacher_model=str(teacher_dir), output_dir=str(out), max_train_steps=3, train_batch_size=4,
-                   learning_rate=1e-2, lr_warmup_steps=0, report_to="none", validation_steps=0, checkpointing_steps=2,
-                   lora_rank=4, lora_alpha=8.0, w_min=2.0, w_max=6.0)
-    options.update(overrides)
-    cfg = LCMConfig(**options)
-    cfg.validate()
-    teacher = load_teacher(teacher_dir, max_sequence_length=8)
-    method = LCMMethod(cfg, teacher, LatentPromptData(teacher, small_data()))
-    run_training(method, cfg)
-    return method
+    return train_method(LCMConfig, LCMMethod, teacher_dir, out, **{"w_min": 2.0, "w_max": 6.0, **overrides})
 
 
 @pytest.mark.parametrize("kind,cls", [("sd", StableDiffusionPipeline), ("sd3", StableDiffusion3Pipeline)])

@@ -10,19 +10,14 @@ from __future__ import annotations
 
 import sys
 
-from stepdistill.config import parse_cli, to_dict
 from stepdistill.errors import cli_errors
-from stepdistill.methods.common import load_teacher_and_data
+from stepdistill.methods.common import train_from_cli
 from stepdistill.methods.lcm import LCMConfig, LCMMethod
-from stepdistill.training.loop import run_training
 
 
 @cli_errors
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_cli(LCMConfig, argv)
-    teacher, data = load_teacher_and_data(cfg)
-    method = LCMMethod(cfg, teacher, data)
-    logs = run_training(method, cfg, tracker_config=to_dict(cfg))
+    cfg, method, logs = train_from_cli(LCMConfig, LCMMethod, argv)
     print(f"done: lcm final loss {logs.get('loss', float('nan')):.5f}; student in {cfg.output_dir}/{method.export_name}")
 
 

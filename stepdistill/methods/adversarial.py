@@ -87,12 +87,10 @@ class AdversarialTerm:
         noise = rand.randn(*x0.shape[1:]).to(x0)
         return t, alpha.view(-1, 1, 1, 1).to(x0) * x0 + sigma.view(-1, 1, 1, 1).to(x0) * noise
 
-    def _logits(self, heads: torch.nn.Module, x0: torch.Tensor, embeds: PromptEmbeds, rand: StepRandom,
-                no_grad_features: bool) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    def _logits(self, x0: torch.Tensor, embeds: PromptEmbeds, rand: StepRandom) -> list[torch.Tensor]:
+        """Patch logits of re-noised ``x0`` from the unwrapped heads (no gradient sync for them)."""
         t, x_s = self.renoise(x0, rand)
-        with torch.set_grad_enabled(not no_grad_features and torch.is_grad_enabled()):
-            feats = self.features(x_s, t, embeds)
-        return heads(feats, t, pooled_text(embeds)), feats, t
+        return self.heads(self.features(x_s, t, embeds), t, pooled_text(embeds))
 
     def discriminator_step(self, real_x0: torch.Tensor, fake_x0: torch.Tensor, embeds: PromptEmbeds,
                            rand: StepRandom) -> dict[str, float]:
@@ -131,12 +129,10 @@ class AdversarialTerm:
 
     def generator_loss(self, fake_x0: torch.Tensor, embeds: PromptEmbeds, rand: StepRandom) -> torch.Tensor:
         """Adversarial loss of the student's latents; gradients reach the student through the frozen
-        teacher features. The unwrapped heads are used so no gradient sync runs for them here."""
-        logits, _, _ = self._logits(self.heads, fake_x0, embeds, rand, no_grad_features=False)
-        return generator_loss(logits, self.opts.gan_loss)
+        teacher features."""
+        return generator_loss(self._logits(fake_x0, embeds, rand), self.opts.gan_loss)
 
     @torch.no_grad()
     def scores(self, x0: torch.Tensor, embeds: PromptEmbeds, rand: StepRandom) -> torch.Tensor:
         """Mean logit per sample (B,) for evaluation: higher means 'looks like the data'."""
-        logits, _, _ = self._logits(self.heads, x0, embeds, rand, no_grad_features=True)
-        return torch.stack([lg.mean(1) for lg in logits]).mean(0)
+        return torch.stack([lg.mean(1) for lg in self._logits(x0, embeds, rand)]).mean(0)

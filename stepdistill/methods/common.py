@@ -123,6 +123,33 @@ def write_validation(images_by_steps: dict[int, torch.Tensor], step: int, out_di
     return path
 
 
+def build_student(teacher: TeacherWrapper, cfg: Any, time_cond_proj_dim: int | None = None) -> torch.nn.Module:
+    """The trainable network of a LoRA or full-model method: a seeded adapter on the teacher network itself
+    (so the teacher is that network with the adapter disabled), or a copy of it next to the frozen teacher."""
+    torch.manual_seed(cfg.seed)  # LoRA initialisation is random: seed it so runs (and resumes) agree
+    if cfg.use_lora:
+        add_lora(teacher.model, cfg.lora_rank, cfg.lora_alpha, teacher.is_dit)
+        student = teacher.model
+    else:
+        teacher.model.requires_grad_(False)
+        student = full_student(teacher.model, time_cond_proj_dim)
+    if cfg.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    return student
+
+
+def train_from_cli(config_cls: type, method_cls: type, argv: list[str] | None) -> tuple[Any, Any, dict[str, float]]:
+    """What every distillation script does: parse the config, load teacher and data, train; returns
+    (config, method, last logged values) for the script's closing line."""
+    from stepdistill.config import parse_cli, to_dict
+    from stepdistill.training.loop import run_training
+
+    cfg = parse_cli(config_cls, argv)
+    teacher, data = load_teacher_and_data(cfg)
+    method = method_cls(cfg, teacher, data)
+    return cfg, method, run_training(method, cfg, tracker_config=to_dict(cfg))
+
+
 def full_student(teacher_net: torch.nn.Module, time_cond_proj_dim: int | None) -> torch.nn.Module:
     """A trainable copy of the teacher; UNets get a guidance embedding input (zero-initialised rows are new)."""
     if time_cond_proj_dim is None:

@@ -19,7 +19,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, LCMScheduler
 
 from stepdistill.errors import ConfigError
 from stepdistill.methods.adversarial import AdversarialOptions, AdversarialTerm
-from stepdistill.methods.common import LatentMethodBase, LatentPromptData, add_lora, full_student, write_validation
+from stepdistill.methods.common import LatentMethodBase, LatentPromptData, build_student, write_validation
 from stepdistill.methods.export import STUDENT_META, write_lora, write_model_card
 from stepdistill.methods.synthetic import cached_teacher_latents
 from stepdistill.solvers import consistency_output, few_step_timesteps, sample_consistency
@@ -86,16 +86,8 @@ class LADDMethod(LatentMethodBase):
         self.timesteps = student_timestep_set(teacher, cfg.student_steps)
         self.scaling = None if teacher.schedule.kind == "flow" else cfg.timestep_scaling_factor
         base = teacher.model
-        torch.manual_seed(cfg.seed)
-        if cfg.use_lora:
-            self.lora_config = add_lora(base, cfg.lora_rank, cfg.lora_alpha, teacher.is_dit)
-            self.student_net = base
-        else:
-            base.requires_grad_(False)
-            self.student_net = full_student(base, None)
-        if cfg.gradient_checkpointing:
-            self.student_net.enable_gradient_checkpointing()
-        self.adversarial = (AdversarialTerm(teacher, base, cfg, cfg.use_lora, cfg.seed) if cfg.adversarial_weight > 0 else None)
+        self.student_net = build_student(teacher, cfg)
+        self.adversarial = AdversarialTerm(teacher, base, cfg, cfg.use_lora, cfg.seed) if cfg.adversarial_weight > 0 else None
         self.synthetic: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # --- shared-loop interface -------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from diffusers import LatentConsistencyModelPipeline, LCMScheduler
 
 from stepdistill.errors import ConfigError
 from stepdistill.methods.adversarial import AdversarialOptions, AdversarialTerm
-from stepdistill.methods.common import LatentMethodBase, LatentPromptData, adapters_disabled, add_lora, full_student, write_validation
+from stepdistill.methods.common import LatentMethodBase, LatentPromptData, adapters_disabled, build_student, write_validation
 from stepdistill.methods.export import write_lora, write_model_card
 from stepdistill.solvers import (consistency_output, ddim_step, guidance_scale_embedding, lcm_inference_timesteps,
                                  lcm_skip_timesteps, sample_consistency)
@@ -87,15 +87,8 @@ class LCMMethod(LatentMethodBase):
         self.grid = consistency_grid(teacher, cfg.num_ddim_timesteps)
         self.k = teacher.schedule.num_train_timesteps // cfg.num_ddim_timesteps
         base = teacher.model
-        torch.manual_seed(cfg.seed)  # LoRA initialisation is random: seed it so runs (and resumes) agree
         self.w_embedding = not cfg.use_lora and not teacher.is_dit
-        if cfg.use_lora:
-            self.lora_config = add_lora(base, cfg.lora_rank, cfg.lora_alpha, teacher.is_dit)
-            self.student_net = base
-        else:
-            self.student_net = full_student(base, cfg.time_cond_proj_dim if self.w_embedding else None)
-        if cfg.gradient_checkpointing:
-            self.student_net.enable_gradient_checkpointing()
+        self.student_net = build_student(teacher, cfg, cfg.time_cond_proj_dim if self.w_embedding else None)
         self.target_net = None
         if not cfg.use_lora or cfg.use_target_network:
             self.target_net = copy.deepcopy(self.student_net).requires_grad_(False)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -43,8 +44,6 @@ def cached_teacher_latents(path: Path, teacher: TeacherWrapper, prompts: list[st
         save_file({"latents": latents.contiguous(), "noise": noise.contiguous()}, str(tmp), metadata={"settings": json.dumps(settings)})
         tmp.rename(path)
     accelerator.wait_for_everyone()
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as handle:
         stored = json.loads(handle.metadata().get("settings", "{}"))
     if stored != settings:

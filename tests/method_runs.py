@@ -1,0 +1,29 @@
+"""Shared by the trainer tests: a few-step run of a method on a random teacher and 16 emoji32 images."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from stepdistill.data.emoji32 import load_emoji32
+from stepdistill.methods.common import LatentPromptData
+from stepdistill.teacher import load_teacher
+from stepdistill.training.loop import run_training
+
+FAST_RUN = dict(max_train_steps=3, train_batch_size=4, learning_rate=1e-2, lr_warmup_steps=0, report_to="none",
+                validation_steps=0, checkpointing_steps=2, lora_rank=4, lora_alpha=8.0)
+
+
+def small_data(count: int = 16):
+    data = load_emoji32()
+    data.images, data.captions = data.images[:count], data.captions[:count]
+    return data
+
+
+def train_method(config_cls: type, method_cls: type, teacher_dir: Path, out: Path, **options: Any):
+    """Build ``config_cls`` from FAST_RUN plus ``options``, train ``method_cls`` with it, return the method."""
+    cfg = config_cls(**{**FAST_RUN, "pretrained_teacher_model": str(teacher_dir), "output_dir": str(out), **options})
+    cfg.validate()
+    teacher = load_teacher(teacher_dir, max_sequence_length=8)
+    method = method_cls(cfg, teacher, LatentPromptData(teacher, small_data()))
+    run_training(method, cfg)
+    return method
