@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tarfile
@@ -31,7 +32,8 @@ TRAINER_CONFIGS = {"lcm": "lcm_lora_tiny_sd.yaml", "progressive": "progressive_t
 
 
 # --- one trainer in this process ---------------------------------------------------------------------------
-def measure_trainer(trainer: str, out: Path, batch: int, warmup: int, steps: int, teacher: str) -> dict:
+def measure_trainer(trainer: str, out: Path, batch: int, warmup: int, steps: int, teacher: str,
+                    extra: list[str] | None = None) -> dict:
     """Train ``warmup + steps`` steps with the trainer's shipped config; time the last ``steps``."""
     import resource
 
@@ -53,7 +55,7 @@ def measure_trainer(trainer: str, out: Path, batch: int, warmup: int, steps: int
     else:
         from stepdistill.methods.lcm import LCMConfig as Config, LCMMethod as Method
         argv += ["--max_train_steps", str(total)]
-    cfg = parse_cli(Config, argv)
+    cfg = parse_cli(Config, argv + (extra or []))
     teacher_wrapper, data = load_teacher_and_data(cfg)
     method = Method(cfg, teacher_wrapper, data)
     marks: dict[int, float] = {}
@@ -159,7 +161,8 @@ def compatible_reference(script: Path, work: Path) -> Path:
     return patched
 
 
-def compare_with_reference(script: Path, work: Path, teacher: str, batch: int, warmup: int, steps: int) -> dict:
+def compare_with_reference(script: Path, work: Path, teacher: str, batch: int, warmup: int, steps: int,
+                           extra: list[str] | None = None) -> dict:
     """Same LCM-LoRA work through diffusers' reference script and through train_lcm.py."""
     from stepdistill.testbed import resolve_teacher_path
 
@@ -176,7 +179,7 @@ def compare_with_reference(script: Path, work: Path, teacher: str, batch: int, w
                  write_shards(work / "shards", repeats=2 + (warmup + steps) * batch // 1388), "--max_train_samples", "1388",
                  "--dataloader_num_workers", "1", "--validation_steps", "100000"]
     ours = [sys.executable, str(ROOT / "train_scripts" / "train_lcm.py"), *shared, "--output_dir", str(work / "ours"),
-            "--validation_steps", "0", "--use_target_network", "false", "--overwrite_output_dir"]
+            "--validation_steps", "0", "--use_target_network", "false", "--overwrite_output_dir", *(extra or [])]
     results = {}
     for name, cmd in (("reference", reference), ("stepdistill", ours)):
         log, peak = run_timed(cmd, env)
@@ -198,12 +201,14 @@ def main() -> None:
     parser.add_argument("--sampling_steps", default="1,2,4,8")
     parser.add_argument("--reference_script", help="diffusers' train_lcm_distill_lora_sd_wds.py (reference part)")
     parser.add_argument("--output_dir", default="runs/bench_speed")
+    parser.add_argument("--trainer_args", default="", help="extra options for our trainers, e.g. '--torch_compile true' "
+                        "(raise --warmup_steps past the compile)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     out = Path(args.output_dir)
     if args.child:
         result = measure_trainer(args.child, out / f"train_{args.child}", args.train_batch_size, args.warmup_steps,
-                                 args.measure_steps, args.teacher)
+                                 args.measure_steps, args.teacher, shlex.split(args.trainer_args))
         print("RESULT " + json.dumps(result))
         return
     parts = set(args.parts.split(","))
@@ -217,7 +222,7 @@ def main() -> None:
         for trainer in args.trainers.split(","):
             cmd = [sys.executable, __file__, "--child", trainer, "--teacher", args.teacher, "--output_dir", str(out),
                    "--train_batch_size", str(args.train_batch_size), "--warmup_steps", str(args.warmup_steps),
-                   "--measure_steps", str(args.measure_steps)]
+                   "--measure_steps", str(args.measure_steps), "--trainer_args", args.trainer_args]
             done = subprocess.run(cmd, capture_output=True, text=True)
             line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
             if line is None:
@@ -233,7 +238,8 @@ def main() -> None:
             print(f"{row['model']:24s} {row['steps']:3d} steps  {row['latency_ms']:8.1f} ms/image", flush=True)
     if "reference" in parts:
         report["reference"] = compare_with_reference(Path(args.reference_script), out / "reference_run", args.teacher,
-                                                     args.train_batch_size, args.warmup_steps, args.measure_steps)
+                                                     args.train_batch_size, args.warmup_steps, args.measure_steps,
+                                                     shlex.split(args.trainer_args))
         ref, ours = report["reference"]["reference"], report["reference"]["stepdistill"]
         print(f"LCM-LoRA, batch {args.train_batch_size}: reference {ref['images_per_s']:.1f} img/s, {ref['peak_rss_mib']:.0f} MiB; "
               f"stepdistill {ours['images_per_s']:.1f} img/s, {ours['peak_rss_mib']:.0f} MiB; "

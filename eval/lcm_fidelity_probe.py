@@ -1,7 +1,7 @@
 """Diagnostic: does LCM training move the few-step student toward the 50-step guided teacher?
 
 Trains an LCM student with a plain Adam loop on the shipped testbed teacher and, every 100 steps, prints the
-mean training loss and the latent / pixel MSE between the student's 1, 2 and 4-step samples and the teacher's
+mean training loss, the objective on a fixed batch, and the latent / pixel MSE between the student's 1, 2 and 4-step samples and the teacher's
 50-step DDIM samples (same prompts, same initial noise), next to the teacher's own 4-step DDIM
 (trailing and the shipped config's leading spacing); with a target network, its samples too. Used to tune the LCM trainer; not a test.
 
@@ -56,8 +56,14 @@ def main(argv: list[str] | None = None) -> None:
             ddim4 = sample_ddim(lambda x, t: teacher.predict(x, t, embeds, GUIDANCE, uncond=uncond), noise, grid, teacher.schedule)
             print(f"teacher DDIM-4 ({spacing}) vs teacher-50: {_distances(teacher, ddim4, reference)}", flush=True)
 
+    rows = torch.randperm(len(data), generator=torch.Generator().manual_seed(5))[:64].tolist()
+    fixed_x0, fixed_embeds = data.batch(rows, torch.device("cpu"))
+    fixed_noise = torch.randn(fixed_x0.shape, generator=torch.Generator().manual_seed(6))
+
     def probe(step: int) -> None:
         model.eval()
+        objective = method.fixed_batch_objective(model, fixed_x0, fixed_embeds, fixed_noise, method.grid[::5])
+        print(f"step {step} objective on a fixed batch (64 examples x 10 timesteps): {objective:.6f}", flush=True)
         nets = {"student": model} if method.target_net is None else {"student": model, "EMA target": method.target_net}
         for name, net in nets.items():
             for k in (1, 2, 4):

@@ -40,10 +40,16 @@ class NoiseSchedule:
         if self.kind == "flow":
             sigma = t.double() / self.num_train_timesteps
             return (1 - sigma).float(), sigma.float()
-        index = t.long()
-        table = torch.cat([torch.tensor([self.final_alpha_cumprod], dtype=torch.float64), self.alphas_cumprod])
-        acp = table[(index + 1).clamp(0, self.num_train_timesteps).cpu()].to(t.device)
+        acp = self._table(t.device)[(t.long() + 1).clamp(0, self.num_train_timesteps)]
         return acp.sqrt().float(), (1 - acp).sqrt().float()
+
+    def _table(self, device: torch.device) -> torch.Tensor:
+        """[final, acp_0, ..., acp_{T-1}] on ``device``, kept there so lookups need no host round trip."""
+        tables = self.__dict__.setdefault("_tables", {})
+        if device not in tables:
+            head = torch.tensor([self.final_alpha_cumprod], dtype=torch.float64)
+            tables[device] = torch.cat([head, self.alphas_cumprod]).to(device)
+        return tables[device]
 
     def sigma(self, timesteps: torch.Tensor) -> torch.Tensor:
         """The scheduler's own noise level: sqrt((1 - acp) / acp) for vp (Euler/Karras sigma), t/T for flow."""

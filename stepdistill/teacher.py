@@ -214,14 +214,14 @@ class TeacherWrapper:
         x = x.float()
         t = torch.as_tensor(t, device=x.device)
         alpha, sigma = self.schedule.alpha_sigma(t)
-        w = torch.as_tensor(guidance_scale, dtype=torch.float32, device=x.device)
-        if w.dim() == 0 and float(w) == 1.0:
+        if isinstance(guidance_scale, (int, float)) and guidance_scale == 1.0:  # decided on the host: no device read
             out = self.raw_output(x, t, embeds, **extra)
         else:
             uncond = uncond if uncond is not None else self.empty_prompt(x.shape[0])
             t2 = torch.cat([t.expand(x.shape[0])] * 2) if t.dim() == 0 else torch.cat([t, t])
             both = self.raw_output(torch.cat([x, x]), t2, PromptEmbeds.cat([uncond.to(x.device), embeds]), **_double(extra))
             out_u, out_c = both.chunk(2)
+            w = torch.as_tensor(guidance_scale, dtype=torch.float32, device=x.device)
             out = out_u + _bcast(w, out_c) * (out_c - out_u)
         return output_to_prediction(out, x, alpha.to(x.device), sigma.to(x.device), self.prediction_type)
 

@@ -1,6 +1,7 @@
 """Shared by the trainer tests: a few-step run of a method on a random teacher and 16 emoji32 images."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,9 @@ def small_data(count: int = 16):
 
 def train_method(config_cls: type, method_cls: type, teacher_dir: Path, out: Path, **options: Any):
     """Build ``config_cls`` from FAST_RUN plus ``options``, train ``method_cls`` with it, return the method."""
-    cfg = config_cls(**{**FAST_RUN, "pretrained_teacher_model": str(teacher_dir), "output_dir": str(out), **options})
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    base = {k: v for k, v in FAST_RUN.items() if k in fields}  # full-model trainers have no LoRA options
+    cfg = config_cls(**{**base, "pretrained_teacher_model": str(teacher_dir), "output_dir": str(out), **options})
     cfg.validate()
     teacher = load_teacher(teacher_dir, max_sequence_length=8)
     method = method_cls(cfg, teacher, LatentPromptData(teacher, small_data()))

@@ -75,6 +75,8 @@ CASES = [
     ("train_lcm", ["--config", R("missing.yaml")], "does not exist"),
     ("train_lcm", ["--config", R("not_mapping.yaml")], "must hold a mapping"),
     ("train_lcm", ["--max_train_steps", "abc"], "max_train_steps='abc' must be of type int"),
+    ("train_lcm", ["--snr_gamma", "-1"], "snr_gamma=-1.0 must be positive"),
+    ("train_lcm", ["--logging_steps", "0"], "logging_steps=0 must be at least 1"),
     ("train_lcm", ["--train_batch_size", "2.5"], "train_batch_size='2.5' must be of type int"),
     ("train_lcm", ["--use_lora", "maybe"], "use_lora='maybe' must be true or false"),
     ("train_lcm", ["--loss_type", "l1"], "loss_type='l1' is not allowed"),

@@ -160,3 +160,25 @@ def test_config_parsing_and_errors(tmp_path):
         load_config(LoopConfig, overrides={"mixed_precision": "fp8"})
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(LoopConfig, tmp_path / "missing.yaml")
+
+
+def test_nonfinite_steps_are_skipped_on_the_device_and_stop_at_the_next_read(tmp_path):
+    """With logging_steps > 1 the non-finite check never reads the device in between: fused AdamW skips the
+    bad steps itself, and the run stops at the next read."""
+    def weights_after_each_step(method: ToyMethod) -> list[list[torch.Tensor]]:
+        snaps = []
+        method.on_step_end = lambda model, done, out, acc: snaps.append([p.detach().clone() for p in model.parameters()])
+        return snaps
+
+    options = dict(checkpointing_steps=100, lr_warmup_steps=0, lr_scheduler="constant")
+    bad = ToyMethod(nan_from=3)
+    seen = weights_after_each_step(bad)
+    with pytest.raises(NonFiniteLossError, match=r"4 consecutive non-finite losses or gradients by step 6"):
+        run_training(bad, cfg(tmp_path / "bad", max_nonfinite_steps=3, logging_steps=6, **options))
+    good = ToyMethod()
+    expected = weights_after_each_step(good)
+    run_training(good, cfg(tmp_path / "good", max_train_steps=2, **options))
+    assert len(seen) == 5 and not all(torch.equal(p, q) for p, q in zip(expected[0], expected[1]))
+    for after_step in seen[1:]:  # steps 3-5 were non-finite: the weights stay exactly as step 2 left them
+        assert all(torch.equal(p, q) for p, q in zip(after_step, expected[1]))
+    assert not (tmp_path / "bad" / "run" / "model").exists()

@@ -17,6 +17,7 @@ from stepdistill.errors import ConfigError
 from stepdistill.methods.common import adapters_disabled
 from stepdistill.sampling import latent_shape
 from stepdistill.teacher import PromptEmbeds, TeacherWrapper
+from stepdistill.training.nonfinite import step_unless_nonfinite
 from stepdistill.training.step_random import StepRandom
 from stepdistill.training.timing import timed
 
@@ -61,7 +62,7 @@ class AdversarialTerm:
         torch.manual_seed(seed + 1)
         self.heads = DiscriminatorHeads([m.shape[1] for m in maps], pooled_text(probe_embeds).shape[-1],
                                         teacher.schedule.num_train_timesteps, hidden=opts.disc_hidden)
-        self.optimizer = torch.optim.AdamW(self.heads.parameters(), lr=opts.disc_learning_rate, betas=(0.0, 0.99))
+        self.optimizer = torch.optim.AdamW(self.heads.parameters(), lr=opts.disc_learning_rate, betas=(0.0, 0.99), fused=True)
         self.accelerator: Accelerator | None = None
         self.prepared_heads: torch.nn.Module = self.heads
 
@@ -93,13 +94,13 @@ class AdversarialTerm:
         return self.heads(self.features(x_s, t, embeds), t, pooled_text(embeds))
 
     def discriminator_step(self, real_x0: torch.Tensor, fake_x0: torch.Tensor, embeds: PromptEmbeds,
-                           rand: StepRandom) -> dict[str, float]:
-        """One update of the heads on real and (detached) student latents; returns logging values."""
+                           rand: StepRandom) -> dict[str, torch.Tensor]:
+        """One update of the heads on real and (detached) student latents; returns logging values (on the device)."""
         with timed("discriminator"):
             return self._discriminator_step(real_x0, fake_x0, embeds, rand)
 
     def _discriminator_step(self, real_x0: torch.Tensor, fake_x0: torch.Tensor, embeds: PromptEmbeds,
-                            rand: StepRandom) -> dict[str, float]:
+                            rand: StepRandom) -> dict[str, torch.Tensor]:
         assert self.accelerator is not None, "prepare() the adversarial term before training"
         batch = real_x0.shape[0]
         (t_real, x_real), (t_fake, x_fake) = self.renoise(real_x0, rand), self.renoise(fake_x0.detach(), rand)
@@ -112,19 +113,18 @@ class AdversarialTerm:
         logits = self.prepared_heads(inputs, t, pooled_text(PromptEmbeds.cat([embeds, embeds])))
         real, fake = [lg[:batch] for lg in logits], [lg[batch:] for lg in logits]
         loss = discriminator_loss(real, fake, self.opts.gan_loss)
-        logs = {"d_loss": float(loss.detach())}
+        logs = {"d_loss": loss.detach()}
         if use_r1:
             penalty = r1_penalty(real, real_inputs)
             loss = loss + self.opts.disc_r1_weight * penalty
-            logs["d_r1"] = float(penalty.detach())
+            logs["d_r1"] = penalty.detach()
         self.optimizer.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
         norm = self.accelerator.clip_grad_norm_(self.prepared_heads.parameters(), 1.0)
-        if bool(torch.isfinite(loss.detach()) & torch.isfinite(torch.as_tensor(norm))):
-            self.optimizer.step()
+        step_unless_nonfinite(self.optimizer, loss, norm, self.accelerator)
         self.optimizer.zero_grad(set_to_none=True)
-        logs["d_real"] = float(torch.cat([r.detach().flatten() for r in real]).mean())
-        logs["d_fake"] = float(torch.cat([f.detach().flatten() for f in fake]).mean())
+        logs["d_real"] = torch.cat([r.detach().flatten() for r in real]).mean()
+        logs["d_fake"] = torch.cat([f.detach().flatten() for f in fake]).mean()
         return logs
 
     def generator_loss(self, fake_x0: torch.Tensor, embeds: PromptEmbeds, rand: StepRandom) -> torch.Tensor:

@@ -47,6 +47,11 @@ class LatentMethodBase:
     def num_items(self) -> int:
         return len(self.data)
 
+    def networks(self) -> list[torch.nn.Module]:
+        """Every network a training step runs (student, teacher, target / EMA copies), each once."""
+        found = {id(net): net for net in [*vars(self).values(), self.teacher.model] if isinstance(net, torch.nn.Module)}
+        return list(found.values())
+
     def make_batch(self, indices: list[int], device: torch.device) -> dict[str, Any]:
         latents, embeds = self.data.batch(indices, device)
         return {"latents": latents, "embeds": embeds}

@@ -116,9 +116,9 @@ class LADDMethod(LatentMethodBase):
 
     def compute_loss(self, model: torch.nn.Module, batch: dict[str, Any], rand: StepRandom):
         x0, embeds = batch["latents"], batch["embeds"]
-        cdf = self.timestep_probabilities(rand.step).cumsum(0)
-        index = torch.searchsorted(cdf, rand.rand().cpu() * cdf[-1], right=True).clamp_max(len(self.timesteps) - 1)
-        t = self.timesteps[index].to(x0.device)
+        cdf = self.timestep_probabilities(rand.step).cumsum(0).to(x0.device)
+        index = torch.searchsorted(cdf, rand.rand() * cdf[-1], right=True).clamp_max(len(self.timesteps) - 1)
+        t = self.timesteps.to(x0.device)[index]
         alpha, sigma = (v.view(-1, 1, 1, 1).to(x0) for v in self.teacher.schedule.alpha_sigma(t))
         noise = rand.randn(*x0.shape[1:]).to(x0)
         x_t = alpha * x0 + sigma * noise
@@ -130,11 +130,11 @@ class LADDMethod(LatentMethodBase):
             logs.update(self.adversarial.discriminator_step(x0, fake, embeds, rand))
             g_loss = self.adversarial.generator_loss(fake, embeds, rand)
             loss = loss + self.cfg.adversarial_weight * g_loss
-            logs["g_loss"] = float(g_loss.detach())
+            logs["g_loss"] = g_loss.detach()
         if self.cfg.distill_weight > 0:
             regression = torch.nn.functional.mse_loss(fake.float(), x0.float())
             loss = loss + self.cfg.distill_weight * regression
-            logs["distill_loss"] = float(regression.detach())
+            logs["distill_loss"] = regression.detach()
         return loss, logs
 
     def after_optimizer_step(self, model: torch.nn.Module) -> None:

@@ -22,7 +22,7 @@ from stepdistill.methods.common import LatentMethodBase, LatentPromptData, adapt
 from stepdistill.methods.export import write_lora, write_model_card
 from stepdistill.solvers import (consistency_output, ddim_step, guidance_scale_embedding, lcm_inference_timesteps,
                                  lcm_skip_timesteps, sample_consistency)
-from stepdistill.teacher import TeacherWrapper
+from stepdistill.teacher import PromptEmbeds, TeacherWrapper
 from stepdistill.training.loop import LoopConfig
 from stepdistill.training.step_random import StepRandom
 from stepdistill.training.timing import timed
@@ -44,6 +44,7 @@ class LCMConfig(AdversarialOptions, LoopConfig):
     time_cond_proj_dim: int = 256  # full UNet mode: size of the guidance (w) embedding
     loss_type: Literal["l2", "huber"] = "huber"  # distance between student and target outputs
     huber_c: float = 0.001  # pseudo-Huber c
+    snr_gamma: float | None = None  # Min-SNR-gamma weight min(SNR(t), gamma) on each sample's distance (none: uniform, as LCM)
     timestep_scaling_factor: float = 10.0  # boundary-condition timestep scaling (LCMScheduler's timestep_scaling)
     ema_decay: float = 0.95  # target network EMA decay (full mode, or LoRA with use_target_network)
     use_target_network: bool = False  # LoRA mode: EMA target copy of the adapter instead of the student itself
@@ -61,6 +62,8 @@ class LCMConfig(AdversarialOptions, LoopConfig):
             raise ConfigError(f"w_min={self.w_min}, w_max={self.w_max}: need 0 <= w_min <= w_max")
         if self.use_lora and self.lora_rank < 1:
             raise ConfigError(f"lora_rank={self.lora_rank} must be at least 1")
+        if self.snr_gamma is not None and not self.snr_gamma > 0:
+            raise ConfigError(f"snr_gamma={self.snr_gamma} must be positive (or none for uniform weighting)")
         if not 1 <= self.num_ddim_timesteps <= 1000:
             raise ConfigError(f"num_ddim_timesteps={self.num_ddim_timesteps} is out of range; allowed 1..1000")
 
@@ -72,8 +75,14 @@ def consistency_grid(teacher: TeacherWrapper, num_ddim_timesteps: int) -> torch.
 
 
 def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
-    """sqrt(|a - b|^2 + c^2) - c per sample (Song & Dhariwal 2023), mean over the batch."""
-    return (((a.float() - b.float()) ** 2).flatten(1).sum(1) + c ** 2).sqrt().sub(c).mean()
+    """sqrt(|a - b|^2 + c^2) - c per sample (Song & Dhariwal 2023), shape (B,)."""
+    return (((a.float() - b.float()) ** 2).flatten(1).sum(1) + c ** 2).sqrt().sub(c)
+
+
+def min_snr_weight(alpha: torch.Tensor, sigma: torch.Tensor, gamma: float) -> torch.Tensor:
+    """min(SNR, gamma) (Hang et al. 2023) for an x0-space loss: an eps network's x0 at high noise is
+    (x - sigma eps) / alpha, so uniform weights let the 1/alpha-amplified high-noise terms dominate."""
+    return ((alpha / sigma) ** 2).clamp_max(gamma)
 
 
 class LCMMethod(LatentMethodBase):
@@ -101,29 +110,48 @@ class LCMMethod(LatentMethodBase):
     # --- shared-loop interface -------------------------------------------------------------------------
     def compute_loss(self, model: torch.nn.Module, batch: dict[str, Any], rand: StepRandom):
         x0, embeds = batch["latents"], batch["embeds"]
-        schedule = self.teacher.schedule
         t = self.grid.to(x0.device)[rand.randint(0, len(self.grid))]
-        t_prev = (t - self.k).clamp_min(0)
-        alpha, sigma = schedule.alpha_sigma(t)
         noise = rand.randn(*x0.shape[1:])
-        x_t = alpha.view(-1, 1, 1, 1).to(x0) * x0 + sigma.view(-1, 1, 1, 1).to(x0) * noise
         w = self.cfg.w_min + (self.cfg.w_max - self.cfg.w_min) * rand.rand()
-        extra = self._w_kwargs(w)
-        student = self.teacher.with_model(model)
-        prediction = consistency_output(x_t, student.predict(x_t, t, embeds, **extra), t, self.cfg.timestep_scaling_factor)
-        with torch.no_grad(), timed("teacher"):
-            target = self._target(x_t, t_prev, t, embeds, w, extra)
-        if self.cfg.loss_type == "l2":
-            loss = torch.nn.functional.mse_loss(prediction.float(), target.float())
-        else:
-            loss = pseudo_huber(prediction, target, self.cfg.huber_c)
+        loss, prediction = self.consistency_loss(model, x0, embeds, t, noise, w)
         logs = {}
         if self.adversarial is not None:  # the consistency output is the student's x0 estimate: judge it like LADD
             logs.update(self.adversarial.discriminator_step(x0, prediction, embeds, rand))
             g_loss = self.adversarial.generator_loss(prediction, embeds, rand)
-            logs.update(consistency_loss=float(loss.detach()), g_loss=float(g_loss.detach()))
+            logs.update(consistency_loss=loss.detach(), g_loss=g_loss.detach())
             loss = loss + self.cfg.adversarial_weight * g_loss
         return loss, logs
+
+    def consistency_loss(self, model: torch.nn.Module, x0: torch.Tensor, embeds: PromptEmbeds, t: torch.Tensor,
+                         noise: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """LCM's objective for given draws (also used to evaluate it on a fixed batch); returns (loss, student x0)."""
+        alpha, sigma = self.teacher.schedule.alpha_sigma(t)
+        x_t = alpha.view(-1, 1, 1, 1).to(x0) * x0 + sigma.view(-1, 1, 1, 1).to(x0) * noise
+        extra = self._w_kwargs(w)
+        student = self.teacher.with_model(model)
+        prediction = consistency_output(x_t, student.predict(x_t, t, embeds, **extra), t, self.cfg.timestep_scaling_factor)
+        with torch.no_grad(), timed("teacher"):
+            target = self._target(x_t, (t - self.k).clamp_min(0), t, embeds, w, extra)
+        return self.distance(prediction, target, alpha, sigma), prediction
+
+    @torch.no_grad()
+    def fixed_batch_objective(self, model: torch.nn.Module, x0: torch.Tensor, embeds: PromptEmbeds, noise: torch.Tensor,
+                              timesteps: torch.Tensor) -> float:
+        """The objective averaged over ``timesteps`` on one fixed batch at w = w_min, with the current target:
+        a training curve without the noise of random batches, timesteps and draws."""
+        w = torch.full((x0.shape[0],), self.cfg.w_min, device=x0.device)
+        losses = [self.consistency_loss(model, x0, embeds, t.expand(x0.shape[0]).to(x0.device), noise, w)[0] for t in timesteps]
+        return torch.stack(losses).mean().item()
+
+    def distance(self, prediction: torch.Tensor, target: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The configured distance per sample (l2: mean square, huber: pseudo-Huber), weighted, batch mean."""
+        if self.cfg.loss_type == "l2":
+            per_sample = ((prediction.float() - target.float()) ** 2).flatten(1).mean(1)
+        else:
+            per_sample = pseudo_huber(prediction, target, self.cfg.huber_c)
+        if self.cfg.snr_gamma is not None:
+            per_sample = per_sample * min_snr_weight(alpha.to(per_sample), sigma.to(per_sample), self.cfg.snr_gamma)
+        return per_sample.mean()
 
     def _w_kwargs(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"timestep_cond": guidance_scale_embedding(w, self.cfg.time_cond_proj_dim).to(w.device)} if self.w_embedding else {}

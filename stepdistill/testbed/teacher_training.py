@@ -55,7 +55,7 @@ class VaeMethod:
         recon = model.decode(latents).sample
         mse = F.mse_loss(recon.float(), batch["pixels"])
         kl = posterior.kl().mean()
-        return mse + self.kl_weight * kl, {"mse": float(mse.detach()), "kl": float(kl.detach())}
+        return mse + self.kl_weight * kl, {"mse": mse.detach(), "kl": kl.detach()}
 
     def after_optimizer_step(self, model) -> None:
         pass

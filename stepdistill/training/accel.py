@@ -1,6 +1,8 @@
 """Optional accelerations with clear errors where the machine cannot provide them."""
 from __future__ import annotations
 
+import shutil
+
 import torch
 
 from stepdistill.errors import ConfigError
@@ -16,3 +18,16 @@ def enable_xformers(pipe) -> None:
     except ImportError:
         raise ConfigError("enable_xformers_memory_efficient_attention=true needs xformers; pip install 'stepdistill[xformers]'") from None
     pipe.enable_xformers_memory_efficient_attention()
+
+
+def speed_up_networks(networks: list[torch.nn.Module], compile_networks: bool, channels_last: bool) -> None:
+    """Apply the optional speed-ups in place, so every caller (student, teacher pass, target pass) gets them
+    and state-dict keys, checkpoints and exports stay unchanged."""
+    if compile_networks and not torch.cuda.is_available() and shutil.which("c++") is None and shutil.which("g++") is None:
+        raise ConfigError("torch_compile=true on a CPU needs a C++ compiler for inductor (g++); install it "
+                          "(apt-get install g++) or leave torch_compile off")
+    for net in networks:
+        if channels_last:
+            net.to(memory_format=torch.channels_last)
+        if compile_networks:
+            net.compile()  # nn.Module.compile: in place, unlike torch.compile's wrapper with `_orig_mod.` keys

@@ -18,7 +18,10 @@ from tqdm.auto import tqdm
 
 from stepdistill.errors import ConfigError, StepdistillError
 from stepdistill.methods.export import replace_folder
+from stepdistill.training.accel import speed_up_networks
 from stepdistill.training.checkpoint import list_checkpoints, load_extra_states, resolve_resume, save_checkpoint
+from stepdistill.training.log_window import LogWindow
+from stepdistill.training.nonfinite import NonFiniteCounter, step_unless_nonfinite
 from stepdistill.training.step_random import StepRandom, batch_indices
 from stepdistill.training.timing import timed
 
@@ -45,13 +48,16 @@ class LoopConfig:
     resume_from_checkpoint: str | None = None  # 'latest' or a checkpoint folder
     report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"  # experiment tracker
     validation_steps: int = 500  # write validation samples every N steps (0: never)
-    max_nonfinite_steps: int = 5  # stop after this many consecutive non-finite losses/gradients
+    max_nonfinite_steps: int = 5  # stop after this many consecutive non-finite losses/gradients (checked when logging)
+    logging_steps: int = 1  # read losses to the host and log every N steps (GPU: > 1 avoids a host-device sync per step)
     num_threads: int = 0  # torch CPU threads per process (0: torch's default)
     use_8bit_adam: bool = False  # bitsandbytes AdamW8bit (CUDA only) to cut optimizer memory on big teachers
+    torch_compile: bool = False  # compile every network the step runs (torch.compile, inductor): minutes of warm-up, faster steps
+    channels_last: bool = False  # networks in channels_last memory format (for GPU convolutions; slower on the CPU testbed)
 
     def validate_loop(self) -> None:
         """Reject values the loop cannot run with."""
-        for name in ("max_train_steps", "train_batch_size", "checkpointing_steps"):
+        for name in ("max_train_steps", "train_batch_size", "checkpointing_steps", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
         if not self.learning_rate > 0:
@@ -113,7 +119,7 @@ def make_optimizer(cfg: LoopConfig, params: list[torch.nn.Parameter]) -> torch.o
     """AdamW, or bitsandbytes' 8-bit AdamW when asked (with a clear error where it cannot run)."""
     kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay)
     if not cfg.use_8bit_adam:
-        return torch.optim.AdamW(params, **kwargs)
+        return torch.optim.AdamW(params, fused=True, **kwargs)  # fused: skips non-finite steps on the device
     if not torch.cuda.is_available():
         raise ConfigError("use_8bit_adam=true needs a CUDA GPU (bitsandbytes); this machine has none")
     try:
@@ -132,6 +138,8 @@ def run_training(method: TrainingMethod, cfg: LoopConfig, tracker_config: dict[s
     out = prepare_output_dir(cfg)
     accelerator = accelerator or make_accelerator(cfg, out)
     model = method.trainable_module()
+    networks = getattr(method, "networks", lambda: [model])()  # optional: every network the step runs
+    speed_up_networks(networks, cfg.torch_compile, cfg.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg, params)
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
@@ -158,12 +166,13 @@ def run_training(method: TrainingMethod, cfg: LoopConfig, tracker_config: dict[s
 
 
 def _train_steps(method, cfg, accelerator, model, optimizer, lr_scheduler, start, out) -> dict[str, float]:
-    """The hot loop: batch, loss, backward, clip, step; skips non-finite steps."""
+    """The hot loop: batch, loss, backward, clip, step; skips non-finite steps on the device. Values are read
+    to the host only at logging, checkpoint and final steps."""
     world, rank = accelerator.num_processes, accelerator.process_index
     global_batch = cfg.train_batch_size * world
     progress = tqdm(range(start, cfg.max_train_steps), initial=start, total=cfg.max_train_steps,
                     disable=not accelerator.is_local_main_process, desc=method.name)
-    bad_in_a_row, skipped, logs = 0, 0, {}
+    window, nonfinite, logs = LogWindow(), NonFiniteCounter(accelerator.device), {}
     for step in progress:
         model.train()
         indices = batch_indices(method.num_items(), global_batch, step, cfg.seed, rank, cfg.train_batch_size)
@@ -171,28 +180,20 @@ def _train_steps(method, cfg, accelerator, model, optimizer, lr_scheduler, start
             batch = method.make_batch(indices, accelerator.device)
         rand = StepRandom(cfg.seed, step, rank, world, cfg.train_batch_size, accelerator.device)
         with timed("student"), accelerator.autocast():  # teacher / discriminator time is split off inside
-            loss, logs = method.compute_loss(model, batch, rand)
+            loss, method_logs = method.compute_loss(model, batch, rand)
         with timed("student"):
             accelerator.backward(loss)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            finite = bool(torch.isfinite(loss.detach()) & torch.isfinite(torch.as_tensor(grad_norm)))
-            if finite:
-                optimizer.step()
-                lr_scheduler.step()
-                method.after_optimizer_step(model)
-        if finite:
-            bad_in_a_row = 0
-        else:
-            skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
-            if bad_in_a_row >= cfg.max_nonfinite_steps:
-                raise NonFiniteLossError(f"{bad_in_a_row} consecutive non-finite losses or gradients at step {step + 1} "
-                                         f"(max_nonfinite_steps={cfg.max_nonfinite_steps}); lower learning_rate or check the data")
+            nonfinite.add(step_unless_nonfinite(optimizer, loss, grad_norm, accelerator))
+            lr_scheduler.step()
+            method.after_optimizer_step(model)  # an EMA update after a skipped step moves towards unchanged weights
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
-        global_loss = accelerator.reduce(loss.detach(), reduction="mean")  # same number on 1 or N processes
-        logs = {"loss": float(global_loss), "lr": lr_scheduler.get_last_lr()[0], "skipped_steps": skipped, **logs}
-        progress.set_postfix(loss=f"{logs['loss']:.4f}")
-        accelerator.log(logs, step=done)
+        window.add({"loss": loss, **method_logs})
+        if done % cfg.logging_steps == 0 or done % cfg.checkpointing_steps == 0 or done == cfg.max_train_steps:
+            logs = _read_window(window, nonfinite, cfg, done, accelerator, lr_scheduler)
+            progress.set_postfix(loss=f"{logs['loss']:.4f}")
+            accelerator.log(logs, step=done)
         on_step_end = getattr(method, "on_step_end", None)  # optional hook, before the checkpoint so it is saved
         if on_step_end is not None:
             on_step_end(model, done, out, accelerator)
@@ -201,6 +202,16 @@ def _train_steps(method, cfg, accelerator, model, optimizer, lr_scheduler, start
         if cfg.validation_steps and (done % cfg.validation_steps == 0 or done == cfg.max_train_steps) and accelerator.is_main_process:
             method.validate(accelerator.unwrap_model(model), done, out / "validation", accelerator)
     return logs
+
+
+def _read_window(window: LogWindow, nonfinite: NonFiniteCounter, cfg: LoopConfig, done: int, accelerator: Accelerator,
+                 lr_scheduler) -> dict[str, float]:
+    """The one host read per logging window; stops the run when too many non-finite steps came in a row."""
+    skipped, longest = nonfinite.read()
+    if longest >= cfg.max_nonfinite_steps:
+        raise NonFiniteLossError(f"{longest} consecutive non-finite losses or gradients by step {done} "
+                                 f"(max_nonfinite_steps={cfg.max_nonfinite_steps}); lower learning_rate or check the data")
+    return {**window.read(accelerator), "lr": lr_scheduler.get_last_lr()[0], "skipped_steps": skipped}
 
 
 def latest_step(output_dir: str | Path) -> int:
