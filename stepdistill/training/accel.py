@@ -30,4 +30,4 @@ def speed_up_networks(networks: list[torch.nn.Module], compile_networks: bool, c
         if channels_last:
             net.to(memory_format=torch.channels_last)
         if compile_networks:
-            net.compile()  # nn.Module.compile: in place, unlike torch.compile's wrapper with `_orig_mod.` keys
+            net.compile(dynamic=False)  # in place (no `_orig_mod.` keys); static shapes: the CPU kernels are faster
