@@ -5,7 +5,7 @@ one DDIM-type update serves epsilon/v teachers and rectified-flow teachers alike
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from diffusers import DDPMScheduler, SchedulerMixin
@@ -22,6 +22,7 @@ class NoiseSchedule:
     alphas_cumprod: torch.Tensor | None = None  # vp only, float64 for exact conversions
     final_alpha_cumprod: float = 1.0  # vp: alpha_cumprod used for "timestep -1" (diffusers' set_alpha_to_one)
     shift: float = 1.0  # flow: the scheduler's timestep shift, used when building sampling grids
+    _device_tables: dict[torch.device, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def from_scheduler(cls, scheduler: SchedulerMixin) -> NoiseSchedule:
@@ -45,11 +46,10 @@ class NoiseSchedule:
 
     def _table(self, device: torch.device) -> torch.Tensor:
         """[final, acp_0, ..., acp_{T-1}] on ``device``, kept there so lookups need no host round trip."""
-        tables = self.__dict__.setdefault("_tables", {})
-        if device not in tables:
+        if device not in self._device_tables:
             head = torch.tensor([self.final_alpha_cumprod], dtype=torch.float64)
-            tables[device] = torch.cat([head, self.alphas_cumprod]).to(device)
-        return tables[device]
+            self._device_tables[device] = torch.cat([head, self.alphas_cumprod]).to(device)
+        return self._device_tables[device]
 
     def sigma(self, timesteps: torch.Tensor) -> torch.Tensor:
         """The scheduler's own noise level: sqrt((1 - acp) / acp) for vp (Euler/Karras sigma), t/T for flow."""
