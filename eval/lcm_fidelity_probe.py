@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> None:
         model.eval()
         objective = method.fixed_batch_objective(model, fixed_x0, fixed_embeds, fixed_noise, method.grid[::5])
         print(f"step {step} objective on a fixed batch (64 examples x 10 timesteps): {objective:.6f}", flush=True)
-        nets = {"student": model} if method.target_net is None else {"student": model, "EMA target": method.target_net}
+        target = method.target_model()
+        nets = {"student": model} if target is model else {"student": model, "EMA target": target}
         for name, net in nets.items():
             for k in (1, 2, 4):
                 student = method.sample(net, prompts, k, noise, guidance_scale=GUIDANCE)

@@ -56,6 +56,41 @@ def test_full_student_pipeline_matches_our_sampler(random_teachers, tmp_path):
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
 
 
+def test_lora_target_network_is_an_ema_adapter_run_through_the_student(random_teachers, tmp_path):
+    """use_target_network in LoRA mode keeps EMA copies of the adapter only (not a second base network) and
+    gives exactly what a full copy of the network holding those EMA weights would."""
+    import copy
+
+    method = train(random_teachers / "sd", tmp_path / "run", max_train_steps=3, use_target_network=True, ema_decay=0.5)
+    net, ema = method.student_net, method.target_adapter
+    trainable = {n: p for n, p in net.named_parameters() if p.requires_grad}
+    assert method.target_net is None and ema.shadow.keys() == trainable.keys()
+    assert sum(t.numel() for t in ema.shadow.values()) < 0.5 * sum(p.numel() for p in net.parameters())
+    assert any(not torch.equal(ema.shadow[n], p) for n, p in trainable.items())  # lags the student
+    full_copy = copy.deepcopy(net)
+    with torch.no_grad():
+        for name, p in full_copy.named_parameters():
+            if name in ema.shadow:
+                p.copy_(ema.shadow[name])
+    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([999, 300])
+    embeds = method.teacher.encode_prompts(["rocket", "sun"])
+    ours = method.teacher.with_model(method.target_model()).predict(x, t, embeds).eps
+    torch.testing.assert_close(ours, method.teacher.with_model(full_copy).predict(x, t, embeds).eps, atol=0, rtol=0)
+    assert not torch.allclose(ours, method.teacher.with_model(net).predict(x, t, embeds).eps)
+
+
+def test_to_device_places_every_network_and_the_ema_adapter(random_teachers, tmp_path):
+    """accelerate places only the trainable module; the method must move its other networks and EMA state."""
+    full = train(random_teachers / "sd", tmp_path / "full", max_train_steps=1, use_lora=False)
+    lora = train(random_teachers / "sd", tmp_path / "lora", max_train_steps=1, use_target_network=True)
+    for method in (full, lora):
+        method.to_device(torch.device("meta"))
+        tensors = [p for net in method.networks() for p in net.parameters()]
+        tensors += [t for obj in method.checkpoint_objects() for t in obj.state_dict().values()]
+        assert tensors and all(t.device.type == "meta" for t in tensors)
+        assert method.teacher.pipe.vae.device.type == "meta" and method.teacher.pipe.text_encoder.device.type == "meta"
+
+
 def test_lcm_resume_reproduces_uninterrupted_run(random_teachers, tmp_path):
     from safetensors.torch import load_file
 

@@ -52,6 +52,16 @@ class LatentMethodBase:
         found = {id(net): net for net in [*vars(self).values(), self.teacher.model] if isinstance(net, torch.nn.Module)}
         return list(found.values())
 
+    def to_device(self, device: torch.device) -> None:
+        """Put the teacher pipeline and every network or EMA state the method holds on the run's device
+        (accelerate places only the trainable module; a full-model teacher or a target copy would stay behind)."""
+        self.teacher.pipe.to(device)
+        for value in vars(self).values():
+            if isinstance(value, torch.nn.Module):
+                value.to(device)
+            elif hasattr(value, "to_device"):
+                value.to_device(device)
+
     def make_batch(self, indices: list[int], device: torch.device) -> dict[str, Any]:
         latents, embeds = self.data.batch(indices, device)
         return {"latents": latents, "embeds": embeds}

@@ -20,6 +20,7 @@ from stepdistill.errors import ConfigError
 from stepdistill.methods.adversarial import AdversarialOptions, AdversarialTerm
 from stepdistill.methods.common import LatentMethodBase, LatentPromptData, adapters_disabled, build_student, write_validation
 from stepdistill.methods.export import write_lora, write_model_card
+from stepdistill.methods.target_adapter import AdapterEMA
 from stepdistill.solvers import (consistency_output, ddim_step, guidance_scale_embedding, lcm_inference_timesteps,
                                  lcm_skip_timesteps, sample_consistency)
 from stepdistill.teacher import PromptEmbeds, TeacherWrapper
@@ -98,9 +99,12 @@ class LCMMethod(LatentMethodBase):
         base = teacher.model
         self.w_embedding = not cfg.use_lora and not teacher.is_dit
         self.student_net = build_student(teacher, cfg, cfg.time_cond_proj_dim if self.w_embedding else None)
-        self.target_net = None
-        if not cfg.use_lora or cfg.use_target_network:
+        self.target_net = None  # full mode: an EMA copy of the student
+        self.target_adapter = None  # LoRA mode: an EMA copy of the adapter only, run through the student network
+        if not cfg.use_lora:
             self.target_net = copy.deepcopy(self.student_net).requires_grad_(False)
+        elif cfg.use_target_network:
+            self.target_adapter = AdapterEMA(self.student_net, cfg.ema_decay)
         self.adversarial = AdversarialTerm(teacher, base, cfg, cfg.use_lora, cfg.seed) if cfg.adversarial_weight > 0 else None
 
     def prepare_extra(self, accelerator: Accelerator, out: Path) -> None:
@@ -161,19 +165,26 @@ class LCMMethod(LatentMethodBase):
         with adapters_disabled(self.teacher.model, self.cfg.use_lora):
             teacher_pred = self.teacher.predict(x_t, t, embeds, guidance_scale=w + 1)
         x_prev = ddim_step(teacher_pred, *[v.to(x_t.device) for v in self.teacher.schedule.alpha_sigma(t_prev)])
-        target_net = self.target_net if self.target_net is not None else self.teacher.model
-        target_pred = self.teacher.with_model(target_net).predict(x_prev, t_prev, embeds, **extra)
+        target_pred = self.teacher.with_model(self.target_model()).predict(x_prev, t_prev, embeds, **extra)
         return consistency_output(x_prev, target_pred, t_prev, self.cfg.timestep_scaling_factor)
+
+    def target_model(self) -> torch.nn.Module:
+        """The network LCM's targets come from: the EMA copy, the student run with the EMA adapter, or the student."""
+        if self.target_net is not None:
+            return self.target_net
+        return self.target_adapter.module() if self.target_adapter is not None else self.teacher.model
 
     @torch.no_grad()
     def after_optimizer_step(self, model: torch.nn.Module) -> None:
+        if self.target_adapter is not None:
+            self.target_adapter.update()
         if self.target_net is not None:
             trainable = [p for p in model.parameters() if p.requires_grad]
             targets = [p for p, q in zip(self.target_net.parameters(), model.parameters()) if q.requires_grad]
             torch._foreach_lerp_(targets, trainable, 1 - self.cfg.ema_decay)
 
     def checkpoint_objects(self) -> list[Any]:
-        return [self.target_net] if self.target_net is not None else []
+        return [obj for obj in (self.target_net, self.target_adapter) if obj is not None]
 
     # --- sampling, validation, export ----------------------------------------------------------------------
     @torch.no_grad()

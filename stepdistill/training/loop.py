@@ -137,6 +137,9 @@ def run_training(method: TrainingMethod, cfg: LoopConfig, tracker_config: dict[s
         torch.set_num_threads(cfg.num_threads)
     out = prepare_output_dir(cfg)
     accelerator = accelerator or make_accelerator(cfg, out)
+    to_device = getattr(method, "to_device", None)  # optional: networks and state accelerate does not place
+    if to_device is not None:
+        to_device(accelerator.device)
     model = method.trainable_module()
     networks = getattr(method, "networks", lambda: [model])()  # optional: every network the step runs
     speed_up_networks(networks, cfg.torch_compile, cfg.channels_last)

@@ -1,0 +1,61 @@
+"""An EMA target network that is only an adapter: LCM-LoRA's target costs the adapter's memory, not a UNet's.
+
+The EMA copies of the trainable (LoRA) tensors are run through the student network itself with
+``torch.func.functional_call``, which swaps them in for one call without touching the live parameters, so the
+student's pending backward pass stays valid and nothing has to be copied back.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.func import functional_call
+
+
+class AdapterEMA:
+    """Exponential moving average of a network's trainable tensors, runnable as a network of its own."""
+
+    def __init__(self, net: torch.nn.Module, decay: float):
+        self.net, self.decay = net, decay
+        self.shadow = {name: p.detach().clone() for name, p in net.named_parameters() if p.requires_grad}
+        if not self.shadow:
+            raise ValueError("AdapterEMA needs a network with trainable (adapter) parameters")
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """shadow <- decay * shadow + (1 - decay) * live, for every adapter tensor at once."""
+        live = dict(self.net.named_parameters())
+        torch._foreach_lerp_(list(self.shadow.values()), [live[name] for name in self.shadow], 1 - self.decay)
+
+    def module(self) -> torch.nn.Module:
+        """The network with the EMA adapter in place of the live one (base weights shared, not copied)."""
+        return _WithTensors(self.net, self.shadow)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.shadow)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.keys() != self.shadow.keys():
+            missing = sorted(set(self.shadow) ^ set(state))[:3]
+            raise ValueError(f"EMA adapter state does not match the network's adapter (e.g. {missing})")
+        with torch.no_grad():
+            for name, tensor in state.items():
+                self.shadow[name].copy_(tensor)
+
+    def to_device(self, device: torch.device | str) -> None:
+        self.shadow.update({name: t.to(device) for name, t in self.shadow.items()})
+
+
+class _WithTensors(torch.nn.Module):
+    """Calls ``net`` with some of its parameters replaced for the duration of the call."""
+
+    def __init__(self, net: torch.nn.Module, tensors: dict[str, torch.Tensor]):
+        super().__init__()
+        self.net, self.tensors = net, tensors
+
+    @property
+    def config(self) -> Any:
+        return self.net.config
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return functional_call(self.net, self.tensors, args, kwargs, strict=False, tie_weights=False)
