@@ -6,6 +6,8 @@ wrong type is a one-line error naming it and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import re
 import sys
 import types
 import typing
@@ -89,9 +91,47 @@ def load_config(cls: type[T], config_path: str | Path | None = None, overrides: 
     return config
 
 
+def field_help(cls: type) -> dict[str, str]:
+    """Each field's inline ``# comment`` in the dataclass source (base classes included): the options' help text
+    lives next to their definition, once."""
+    found: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        for match in re.finditer(r"^\s+(\w+): [^\n]*?  # ([^\n]+)$", source, flags=re.MULTILINE):
+            found[match.group(1)] = match.group(2).strip()
+    return found
+
+
+def format_help(cls: type, prog: str, current: Any | None = None) -> str:
+    """Usage text: every option with its type, value (the defaults, or a loaded config's) and help."""
+    notes = field_help(cls)
+    summary = (cls.__doc__ or "").strip().splitlines()[:1]
+    lines = [f"usage: {prog} [--config FILE.yaml] [--name value ...]", "", *summary, "", "options:"]
+    for name, hint in sorted(_field_types(cls).items()):
+        if current is not None:
+            value = getattr(current, name)
+        else:
+            f = next(f for f in dataclasses.fields(cls) if f.name == name)
+            value = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+        kind = str(hint).replace("typing.", "") if not isinstance(hint, type) else hint.__name__
+        lines.append(f"  --{name} ({kind}, {value!r})")
+        if name in notes:
+            lines.append(f"      {notes[name]}")
+    return "\n".join(lines)
+
+
 def parse_cli(cls: type[T], argv: list[str] | None = None) -> T:
-    """Parse ``--config file.yaml --name value ...`` (also ``--name=value``) into ``cls``."""
+    """Parse ``--config file.yaml --name value ...`` (also ``--name=value``) into ``cls``; ``-h``/``--help``
+    prints every option with its default and help, then exits."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        rest = [a for a in argv if a not in ("-h", "--help")]
+        current = parse_cli(cls, rest) if "--config" in rest or any(a.startswith("--config=") for a in rest) else None
+        print(format_help(cls, Path(sys.argv[0]).name, current))
+        raise SystemExit(0)
     config_path, overrides = None, {}
     i = 0
     while i < len(argv):

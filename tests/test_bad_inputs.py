@@ -138,3 +138,28 @@ def test_bad_input_gives_one_line_error_and_touches_nothing(files, tmp_path, cap
 
 def test_the_battery_is_big_enough():
     assert len(CASES) >= 20
+
+
+
+@pytest.mark.parametrize("script,config", [("train_lcm", "stepdistill.methods.lcm:LCMConfig"),
+                                           ("train_progressive", "stepdistill.methods.progressive:ProgressiveConfig"),
+                                           ("train_ladd", "stepdistill.methods.ladd:LADDConfig"),
+                                           ("sweep", "stepdistill.evaluation.sweep:SweepConfig")])
+def test_help_lists_every_option_with_its_default_and_text(script, config, capsys):
+    import dataclasses
+    import importlib
+
+    from stepdistill.config import field_help
+
+    module, name = config.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    with pytest.raises(SystemExit) as stop:
+        _script_main(script)(["--help"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: ")
+    for f in dataclasses.fields(cls):
+        assert f"--{f.name} (" in out, f.name
+    notes = field_help(cls)
+    assert len(notes) >= 0.8 * len(dataclasses.fields(cls))  # almost every option explains itself
+    assert all(f"      {text}" in out for text in notes.values())
