@@ -166,3 +166,31 @@ def test_two_process_cpu_run_equals_one_process_run(random_teachers, tmp_path):
     # Adam turns float-order differences of near-zero gradients into updates of up to ~lr / 10; a wrong batch
     # split or unsynchronised gradients move weights by ~lr per step instead.
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 3e-4
+
+
+@pytest.mark.parametrize("options", [dict(use_target_network=True), dict(use_target_network=False),
+                                     dict(use_lora=False), dict(use_target_network=True, adversarial_weight=0.5, disc_hidden=8)],
+                         ids=["lora-ema-target", "lora-self-target", "full", "lora-adversarial"])
+def test_side_thread_overlap_gives_the_sequential_result(random_teachers, tmp_path, options):
+    """--overlap_teacher runs the teacher and target passes on a second thread; the numbers must not change.
+    Both runs compute every pass single-threaded (the overlapped run splits 2 threads into 1 + 1), so even the
+    floating-point reduction order is the same and the results are bitwise equal."""
+    from safetensors.torch import load_file
+
+    threads = torch.get_num_threads()
+    runs = {}
+    try:
+        for overlap in (False, True):
+            torch.set_num_threads(2 if overlap else 1)
+            method = train(random_teachers / "sd", tmp_path / str(overlap), max_train_steps=4, overlap_teacher=overlap,
+                           ema_decay=0.5, **options)
+            assert (method.side_net is not None) == (overlap and method.cfg.use_lora)
+            assert torch.get_num_threads() == (2 if overlap else 1)  # the side thread gave the cores back
+            name = "lora/pytorch_lora_weights.safetensors" if method.cfg.use_lora else "pipeline/unet/diffusion_pytorch_model.safetensors"
+            runs[overlap] = load_file(tmp_path / str(overlap) / name)
+            if method.target_adapter is not None:
+                runs[overlap].update({"ema." + k: v for k, v in method.target_adapter.state_dict().items()})
+    finally:
+        torch.set_num_threads(threads)
+    assert runs[False].keys() == runs[True].keys()
+    assert all(torch.equal(runs[True][key], value) for key, value in runs[False].items())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +26,7 @@ from stepdistill.solvers import (consistency_output, ddim_step, guidance_scale_e
                                  lcm_skip_timesteps, sample_consistency)
 from stepdistill.teacher import PromptEmbeds, TeacherWrapper
 from stepdistill.training.loop import LoopConfig
+from stepdistill.training.side_thread import SideThread, side_thread_wanted
 from stepdistill.training.step_random import StepRandom
 from stepdistill.training.timing import timed
 
@@ -52,6 +54,7 @@ class LCMConfig(AdversarialOptions, LoopConfig):
     adversarial_weight: float = 0.0  # > 0: add LADD's discriminator loss on the student's x0 estimates (gan_loss, disc_* options)
     gradient_checkpointing: bool = False  # trade compute for memory on big teachers
     enable_xformers_memory_efficient_attention: bool = False  # GPU only
+    overlap_teacher: bool | None = None  # teacher (and target) passes on a second CPU thread during the student's; keeps a frozen network copy as diffusers' script does (none: on for CPU runs with 2+ threads)
     max_sequence_length: int = 8  # SD3-class teachers: zero-T5 tokens (testbed DiT: 8)
     validation_prompts: list[str] = field(default_factory=lambda: ["hamster face", "red apple", "rocket", "sun"])
 
@@ -67,6 +70,20 @@ class LCMConfig(AdversarialOptions, LoopConfig):
             raise ConfigError(f"snr_gamma={self.snr_gamma} must be positive (or none for uniform weighting)")
         if not 1 <= self.num_ddim_timesteps <= 1000:
             raise ConfigError(f"num_ddim_timesteps={self.num_ddim_timesteps} is out of range; allowed 1..1000")
+
+
+@dataclass
+class _TeacherJob:
+    """One step's draws and its (possibly still running) teacher solver step."""
+
+    step: int
+    t: torch.Tensor
+    t_prev: torch.Tensor
+    w: torch.Tensor
+    alpha: torch.Tensor
+    sigma: torch.Tensor
+    x_t: torch.Tensor
+    x_prev: Future
 
 
 def consistency_grid(teacher: TeacherWrapper, num_ddim_timesteps: int) -> torch.Tensor:
@@ -99,12 +116,17 @@ class LCMMethod(LatentMethodBase):
         base = teacher.model
         self.w_embedding = not cfg.use_lora and not teacher.is_dit
         self.student_net = build_student(teacher, cfg, cfg.time_cond_proj_dim if self.w_embedding else None)
+        self.side = SideThread() if side_thread_wanted(cfg.overlap_teacher, cfg.num_threads) else None
+        self.side_net = None  # LoRA + side thread: a frozen copy (base + adapter) that only the side thread runs
+        if self.side is not None and cfg.use_lora:
+            self.side_net = copy.deepcopy(self.student_net).requires_grad_(False)
+        self._next: _TeacherJob | None = None  # the next step's teacher pass, started during this step's backward
         self.target_net = None  # full mode: an EMA copy of the student
-        self.target_adapter = None  # LoRA mode: an EMA copy of the adapter only, run through the student network
+        self.target_adapter = None  # LoRA mode: an EMA copy of the adapter only (in side_net when there is one)
         if not cfg.use_lora:
             self.target_net = copy.deepcopy(self.student_net).requires_grad_(False)
         elif cfg.use_target_network:
-            self.target_adapter = AdapterEMA(self.student_net, cfg.ema_decay)
+            self.target_adapter = AdapterEMA(self.student_net, cfg.ema_decay, holder=self.side_net)
         self.adversarial = AdversarialTerm(teacher, base, cfg, cfg.use_lora, cfg.seed) if cfg.adversarial_weight > 0 else None
 
     def prepare_extra(self, accelerator: Accelerator, out: Path) -> None:
@@ -114,10 +136,11 @@ class LCMMethod(LatentMethodBase):
     # --- shared-loop interface -------------------------------------------------------------------------
     def compute_loss(self, model: torch.nn.Module, batch: dict[str, Any], rand: StepRandom):
         x0, embeds = batch["latents"], batch["embeds"]
-        t = self.grid.to(x0.device)[rand.randint(0, len(self.grid))]
-        noise = rand.randn(*x0.shape[1:])
-        w = self.cfg.w_min + (self.cfg.w_max - self.cfg.w_min) * rand.rand()
-        loss, prediction = self.consistency_loss(model, x0, embeds, t, noise, w)
+        if self.side is None:
+            t, noise, w = self._draws(x0, rand)
+            loss, prediction = self.consistency_loss(model, x0, embeds, t, noise, w)
+        else:
+            loss, prediction = self._overlapped_loss(model, batch, rand)
         logs = {}
         if self.adversarial is not None:  # the consistency output is the student's x0 estimate: judge it like LADD
             logs.update(self.adversarial.discriminator_step(x0, prediction, embeds, rand))
@@ -125,6 +148,25 @@ class LCMMethod(LatentMethodBase):
             logs.update(consistency_loss=loss.detach(), g_loss=g_loss.detach())
             loss = loss + self.cfg.adversarial_weight * g_loss
         return loss, logs
+
+    def prefetch(self, batch: dict[str, Any], rand: StepRandom) -> None:
+        """Loop hook with the next step's inputs, called before this step's backward: with a side thread, the
+        next teacher pass (frozen, so independent of this update) runs during the backward."""
+        if self.side is not None:
+            self._next = self._start_teacher(batch, rand)
+
+    def close(self) -> None:
+        """Loop hook at the end of training (also after an error): stop the side thread."""
+        if self.side is not None:
+            self.side.close()
+            self.side, self._next = None, None
+
+    def _draws(self, x0: torch.Tensor, rand: StepRandom) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A step's random grid timesteps, noise and guidance weights, always drawn in this order."""
+        t = self.grid.to(x0.device)[rand.randint(0, len(self.grid))]
+        noise = rand.randn(*x0.shape[1:])
+        w = self.cfg.w_min + (self.cfg.w_max - self.cfg.w_min) * rand.rand()
+        return t, noise, w
 
     def consistency_loss(self, model: torch.nn.Module, x0: torch.Tensor, embeds: PromptEmbeds, t: torch.Tensor,
                          noise: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,8 +177,32 @@ class LCMMethod(LatentMethodBase):
         student = self.teacher.with_model(model)
         prediction = consistency_output(x_t, student.predict(x_t, t, embeds, **extra), t, self.cfg.timestep_scaling_factor)
         with torch.no_grad(), timed("teacher"):
-            target = self._target(x_t, (t - self.k).clamp_min(0), t, embeds, w, extra)
+            t_prev = (t - self.k).clamp_min(0)
+            target = self._target_output(self._teacher_solver_step(x_t, t, t_prev, embeds, w), t_prev, embeds, extra)
         return self.distance(prediction, target, alpha, sigma), prediction
+
+    def _start_teacher(self, batch: dict[str, Any], rand: StepRandom) -> _TeacherJob:
+        """Draw a step's randomness (main thread, fixed order) and queue its teacher solver step on the side thread."""
+        x0, embeds = batch["latents"], batch["embeds"]
+        t, noise, w = self._draws(x0, rand)
+        alpha, sigma = self.teacher.schedule.alpha_sigma(t)
+        x_t = alpha.view(-1, 1, 1, 1).to(x0) * x0 + sigma.view(-1, 1, 1, 1).to(x0) * noise
+        t_prev = (t - self.k).clamp_min(0)
+        x_prev = self.side.submit(self._teacher_solver_step, x_t, t, t_prev, embeds, w)
+        return _TeacherJob(rand.step, t, t_prev, w, alpha, sigma, x_t, x_prev)
+
+    def _overlapped_loss(self, model: torch.nn.Module, batch: dict[str, Any], rand: StepRandom):
+        """The same loss as :meth:`consistency_loss`; the target pass runs on the side thread during the student's."""
+        job = self._next if self._next is not None and self._next.step == rand.step else self._start_teacher(batch, rand)
+        self._next = None
+        embeds, extra = batch["embeds"], self._w_kwargs(job.w)
+        target = self.side.submit(lambda: self._target_output(job.x_prev.result(), job.t_prev, embeds, extra))
+        student = self.teacher.with_model(model)
+        prediction = consistency_output(job.x_t, student.predict(job.x_t, job.t, embeds, **extra), job.t,
+                                        self.cfg.timestep_scaling_factor)
+        with timed("teacher"):  # here: the time spent waiting for the side thread
+            target = target.result()
+        return self.distance(prediction, target, job.alpha, job.sigma), prediction
 
     @torch.no_grad()
     def fixed_batch_objective(self, model: torch.nn.Module, x0: torch.Tensor, embeds: PromptEmbeds, noise: torch.Tensor,
@@ -160,11 +226,18 @@ class LCMMethod(LatentMethodBase):
     def _w_kwargs(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"timestep_cond": guidance_scale_embedding(w, self.cfg.time_cond_proj_dim).to(w.device)} if self.w_embedding else {}
 
-    def _target(self, x_t, t_prev, t, embeds, w, extra) -> torch.Tensor:
-        """One guided teacher solver step, then the target network's consistency output at t_prev."""
-        with adapters_disabled(self.teacher.model, self.cfg.use_lora):
-            teacher_pred = self.teacher.predict(x_t, t, embeds, guidance_scale=w + 1)
-        x_prev = ddim_step(teacher_pred, *[v.to(x_t.device) for v in self.teacher.schedule.alpha_sigma(t_prev)])
+    def _teacher_solver_step(self, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, embeds: PromptEmbeds,
+                             w: torch.Tensor) -> torch.Tensor:
+        """One guided teacher DDIM (flow: Euler) step from t to t_prev; the teacher is the frozen network, or
+        the LoRA network with its adapter disabled."""
+        net = self.side_net if self.side_net is not None else self.teacher.model
+        with adapters_disabled(net, self.cfg.use_lora):
+            teacher_pred = self.teacher.with_model(net).predict(x_t, t, embeds, guidance_scale=w + 1)
+        return ddim_step(teacher_pred, *[v.to(x_t.device) for v in self.teacher.schedule.alpha_sigma(t_prev)])
+
+    def _target_output(self, x_prev: torch.Tensor, t_prev: torch.Tensor, embeds: PromptEmbeds,
+                       extra: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The target network's consistency output at t_prev."""
         target_pred = self.teacher.with_model(self.target_model()).predict(x_prev, t_prev, embeds, **extra)
         return consistency_output(x_prev, target_pred, t_prev, self.cfg.timestep_scaling_factor)
 

@@ -2,7 +2,8 @@
 
 The EMA copies of the trainable (LoRA) tensors are run through the student network itself with
 ``torch.func.functional_call``, which swaps them in for one call without touching the live parameters, so the
-student's pending backward pass stays valid and nothing has to be copied back.
+student's pending backward pass stays valid and nothing has to be copied back. When a run already holds a
+second copy of the network (the side thread's), the EMA lives in that copy's adapter instead.
 """
 from __future__ import annotations
 
@@ -15,11 +16,22 @@ from torch.func import functional_call
 class AdapterEMA:
     """Exponential moving average of a network's trainable tensors, runnable as a network of its own."""
 
-    def __init__(self, net: torch.nn.Module, decay: float):
-        self.net, self.decay = net, decay
-        self.shadow = {name: p.detach().clone() for name, p in net.named_parameters() if p.requires_grad}
-        if not self.shadow:
+    def __init__(self, net: torch.nn.Module, decay: float, holder: torch.nn.Module | None = None):
+        """``holder``: a frozen copy of ``net`` whose adapter tensors are the EMA (then it is the target network)."""
+        self.net, self.decay, self.holder = net, decay, holder
+        names = [name for name, p in net.named_parameters() if p.requires_grad]
+        if not names:
             raise ValueError("AdapterEMA needs a network with trainable (adapter) parameters")
+        self._own = None if holder is not None else {name: p.detach().clone() for name, p in net.named_parameters()
+                                                     if p.requires_grad}
+        self._names = names
+
+    @property
+    def shadow(self) -> dict[str, torch.Tensor]:
+        if self.holder is None:
+            return self._own
+        held = dict(self.holder.named_parameters())
+        return {name: held[name] for name in self._names}
 
     @torch.no_grad()
     def update(self) -> None:
@@ -29,7 +41,7 @@ class AdapterEMA:
 
     def module(self) -> torch.nn.Module:
         """The network with the EMA adapter in place of the live one (base weights shared, not copied)."""
-        return _WithTensors(self.net, self.shadow)
+        return self.holder if self.holder is not None else _WithTensors(self.net, self.shadow)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.shadow)
@@ -43,7 +55,8 @@ class AdapterEMA:
                 self.shadow[name].copy_(tensor)
 
     def to_device(self, device: torch.device | str) -> None:
-        self.shadow.update({name: t.to(device) for name, t in self.shadow.items()})
+        if self._own is not None:  # a holder moves with its own module
+            self._own.update({name: t.to(device) for name, t in self._own.items()})
 
 
 class _WithTensors(torch.nn.Module):

@@ -160,7 +160,10 @@ def run_training(method: TrainingMethod, cfg: LoopConfig, tracker_config: dict[s
     if accelerator.is_main_process and cfg.report_to != "none":
         accelerator.init_trackers(method.name, config={k: v for k, v in (tracker_config or {}).items()
                                                      if isinstance(v, (int, float, str, bool))})
-    logs = _train_steps(method, cfg, accelerator, model, optimizer, lr_scheduler, start, out)
+    try:
+        logs = _train_steps(method, cfg, accelerator, model, optimizer, lr_scheduler, start, out)
+    finally:
+        getattr(method, "close", lambda: None)()  # optional: stop helper threads, also when a step failed
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         export_atomically(method, accelerator.unwrap_model(model), out)
@@ -176,14 +179,23 @@ def _train_steps(method, cfg, accelerator, model, optimizer, lr_scheduler, start
     progress = tqdm(range(start, cfg.max_train_steps), initial=start, total=cfg.max_train_steps,
                     disable=not accelerator.is_local_main_process, desc=method.name)
     window, nonfinite, logs = LogWindow(), NonFiniteCounter(accelerator.device), {}
-    for step in progress:
-        model.train()
+    prefetch = getattr(method, "prefetch", None)  # optional: start the next step's model-independent work early
+
+    def step_inputs(step: int) -> tuple[dict[str, Any], StepRandom]:
         indices = batch_indices(method.num_items(), global_batch, step, cfg.seed, rank, cfg.train_batch_size)
         with timed("data"):
             batch = method.make_batch(indices, accelerator.device)
-        rand = StepRandom(cfg.seed, step, rank, world, cfg.train_batch_size, accelerator.device)
+        return batch, StepRandom(cfg.seed, step, rank, world, cfg.train_batch_size, accelerator.device)
+
+    upcoming = None
+    for step in progress:
+        model.train()
+        batch, rand = upcoming if upcoming is not None else step_inputs(step)
         with timed("student"), accelerator.autocast():  # teacher / discriminator time is split off inside
             loss, method_logs = method.compute_loss(model, batch, rand)
+            upcoming = step_inputs(step + 1) if prefetch is not None and step + 1 < cfg.max_train_steps else None
+            if upcoming is not None:
+                prefetch(*upcoming)  # same batch and draws the step will use, so results do not change
         with timed("student"):
             accelerator.backward(loss)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)

@@ -1,0 +1,60 @@
+"""A second CPU thread for a step's no-grad passes, overlapped with the student's forward and backward.
+
+On a CPU, one small-batch UNet pass does not keep two cores busy (intra-op threads scale poorly at testbed
+sizes), but two independent passes on one core each do. The frozen teacher's passes do not depend on the
+student's weights, so the next step's teacher pass can run during this step's backward; torch operators
+release the GIL, so the two threads really run in parallel. Jobs keep the calling thread's autocast state
+(it is thread-local) and run without autograd.
+"""
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
+from typing import Any, Callable
+
+import torch
+
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def side_thread_wanted(option: bool | None, num_threads: int | None = None) -> bool:
+    """The option, or by default: on for CPU-only runs that have at least two threads to split."""
+    if option is not None:
+        return option
+    threads = num_threads or torch.get_num_threads()
+    return not torch.cuda.is_available() and threads >= 2
+
+
+class SideThread:
+    """One worker thread; :meth:`submit` returns a Future whose job ran under the caller's autocast and no_grad."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stepdistill-side")
+        self._threads_before: int | None = None  # the main thread's count before the split, restored by close()
+
+    def split_cores(self) -> None:
+        """Give each of the two threads half of the intra-op threads (once), so together they use every core
+        without oversubscribing them."""
+        if self._threads_before is None:
+            total = self._threads_before = torch.get_num_threads()
+            torch.set_num_threads(max(1, total // 2))
+            self._pool.submit(torch.set_num_threads, max(1, total - total // 2)).result()
+
+    def submit(self, fn: Callable[..., torch.Tensor], *args: Any) -> Future:
+        self.split_cores()
+        states = [(d, torch.get_autocast_dtype(d)) for d in _AUTOCAST_DEVICES if torch.is_autocast_enabled(d)]
+
+        def job() -> Any:
+            with ExitStack() as stack:
+                stack.enter_context(torch.no_grad())
+                for device, dtype in states:
+                    stack.enter_context(torch.autocast(device, dtype=dtype))
+                return fn(*args)
+
+        return self._pool.submit(job)
+
+    def close(self) -> None:
+        """Finish queued jobs, stop the thread and give the main thread its cores back."""
+        self._pool.shutdown(wait=True)
+        if self._threads_before is not None:
+            torch.set_num_threads(self._threads_before)
