@@ -21,7 +21,6 @@ from stepdistill.errors import ConfigError
 from stepdistill.methods.adversarial import AdversarialOptions, AdversarialTerm
 from stepdistill.methods.common import LatentMethodBase, LatentPromptData, adapters_disabled, build_student, write_validation
 from stepdistill.methods.export import write_lora, write_model_card
-from stepdistill.methods.lora_merge import adapter_network
 from stepdistill.methods.target_adapter import AdapterEMA
 from stepdistill.solvers import (consistency_output, ddim_step, guidance_scale_embedding, lcm_inference_timesteps,
                                  lcm_skip_timesteps, sample_consistency)
@@ -243,16 +242,10 @@ class LCMMethod(LatentMethodBase):
         return consistency_output(x_prev, target_pred, t_prev, self.cfg.timestep_scaling_factor)
 
     def target_model(self) -> torch.nn.Module:
-        """The no-grad network LCM's targets come from: the EMA copy (full mode), the EMA adapter, or the student's
-        own adapter; LoRA targets run with the adapter folded into the base weights (``lora_merge``)."""
+        """The network LCM's targets come from: the EMA copy, the student run with the EMA adapter, or the student."""
         if self.target_net is not None:
             return self.target_net
-        if self.target_adapter is not None:
-            return self.target_adapter.module()
-        if self.side_net is not None:  # the live adapter through the side thread's own copy of the network
-            live = {name: p for name, p in self.student_net.named_parameters() if p.requires_grad}
-            return adapter_network(self.side_net, live)
-        return adapter_network(self.student_net)
+        return self.target_adapter.module() if self.target_adapter is not None else self.teacher.model
 
     @torch.no_grad()
     def after_optimizer_step(self, model: torch.nn.Module) -> None:

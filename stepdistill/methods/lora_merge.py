@@ -72,26 +72,3 @@ class MergedLoRA(torch.nn.Module):
             return functional_call(self.net, weights, args, kwargs, strict=False, tie_weights=False)
         finally:
             self.net.enable_adapters()
-
-
-class WithTensors(torch.nn.Module):
-    """Calls ``net`` with some of its parameters replaced for the duration of the call (the unmerged fallback)."""
-
-    def __init__(self, net: torch.nn.Module, tensors: dict[str, torch.Tensor]):
-        super().__init__()
-        self.net, self.tensors = net, tensors
-
-    @property
-    def config(self) -> Any:
-        return self.net.config
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return functional_call(self.net, self.tensors, args, kwargs, strict=False, tie_weights=False)
-
-
-def adapter_network(net: torch.nn.Module, adapter: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
-    """A no-grad runnable of LoRA network ``net`` with its own adapter or ``adapter``'s tensors: merged into the
-    base weights where every layer allows it, else the adapter branch as usual."""
-    if mergeable(net):
-        return MergedLoRA(net, adapter)
-    return net if adapter is None else WithTensors(net, adapter)

@@ -1,9 +1,8 @@
 """An EMA target network that is only an adapter: LCM-LoRA's target costs the adapter's memory, not a UNet's.
 
 The EMA copies of the trainable (LoRA) tensors are run through the student network itself with
-``torch.func.functional_call`` (folded into the base weights, ``lora_merge``), which swaps them in for one call
-without touching the live parameters, so the student's pending backward pass stays valid and nothing has to
-be copied back. When a run already holds a
+``torch.func.functional_call``, which swaps them in for one call without touching the live parameters, so the
+student's pending backward pass stays valid and nothing has to be copied back. When a run already holds a
 second copy of the network (the side thread's), the EMA lives in that copy's adapter instead.
 """
 from __future__ import annotations
@@ -11,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from stepdistill.methods.lora_merge import adapter_network
+from torch.func import functional_call
 
 
 class AdapterEMA:
@@ -41,9 +40,8 @@ class AdapterEMA:
         torch._foreach_lerp_(list(self.shadow.values()), [live[name] for name in self.shadow], 1 - self.decay)
 
     def module(self) -> torch.nn.Module:
-        """The network with the EMA adapter in place of the live one (base weights shared, not copied), for
-        no-grad passes (the adapter merged into the base weights where possible)."""
-        return adapter_network(self.holder) if self.holder is not None else adapter_network(self.net, self.shadow)
+        """The network with the EMA adapter in place of the live one (base weights shared, not copied)."""
+        return self.holder if self.holder is not None else _WithTensors(self.net, self.shadow)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.shadow)
@@ -59,3 +57,18 @@ class AdapterEMA:
     def to_device(self, device: torch.device | str) -> None:
         if self._own is not None:  # a holder moves with its own module
             self._own.update({name: t.to(device) for name, t in self._own.items()})
+
+
+class _WithTensors(torch.nn.Module):
+    """Calls ``net`` with some of its parameters replaced for the duration of the call."""
+
+    def __init__(self, net: torch.nn.Module, tensors: dict[str, torch.Tensor]):
+        super().__init__()
+        self.net, self.tensors = net, tensors
+
+    @property
+    def config(self) -> Any:
+        return self.net.config
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return functional_call(self.net, self.tensors, args, kwargs, strict=False, tie_weights=False)
