@@ -205,8 +205,9 @@ class TeacherWrapper:
         return [_as_feature_map(f, x.shape[-2], x.shape[-1]).float() for f in found]
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, embeds: PromptEmbeds, guidance_scale: float | torch.Tensor = 1.0,
-                uncond: PromptEmbeds | None = None, **extra: Any) -> Prediction:
-        """Denoise x_t; with guidance != 1, conditional and unconditional passes run as one batched forward.
+                uncond: PromptEmbeds | None = None, batched_guidance: bool = True, **extra: Any) -> Prediction:
+        """Denoise x_t; with guidance != 1, conditional and unconditional passes run as one batched forward
+        (``batched_guidance=False``: one after the other, half the activation memory at once).
 
         Guidance is applied to the raw output, which equals applying it to x0 or eps since the conversions
         are affine in the output for a fixed x_t. ``guidance_scale`` may be per sample (LCM's w range).
@@ -218,9 +219,12 @@ class TeacherWrapper:
             out = self.raw_output(x, t, embeds, **extra)
         else:
             uncond = uncond if uncond is not None else self.empty_prompt(x.shape[0])
-            t2 = torch.cat([t.expand(x.shape[0])] * 2) if t.dim() == 0 else torch.cat([t, t])
-            both = self.raw_output(torch.cat([x, x]), t2, PromptEmbeds.cat([uncond.to(x.device), embeds]), **_double(extra))
-            out_u, out_c = both.chunk(2)
+            if batched_guidance:
+                t2 = torch.cat([t.expand(x.shape[0])] * 2) if t.dim() == 0 else torch.cat([t, t])
+                both = self.raw_output(torch.cat([x, x]), t2, PromptEmbeds.cat([uncond.to(x.device), embeds]), **_double(extra))
+                out_u, out_c = both.chunk(2)
+            else:
+                out_u, out_c = self.raw_output(x, t, uncond.to(x.device), **extra), self.raw_output(x, t, embeds, **extra)
             w = torch.as_tensor(guidance_scale, dtype=torch.float32, device=x.device)
             out = out_u + _bcast(w, out_c) * (out_c - out_u)
         return output_to_prediction(out, x, alpha.to(x.device), sigma.to(x.device), self.prediction_type)

@@ -58,9 +58,11 @@ def test_batched_guidance_equals_two_forwards(kind, request):
     w = torch.tensor([1.5, 7.0])
     with torch.no_grad():
         guided = teacher.predict(x, t, cond, guidance_scale=w)
+        one_by_one = teacher.predict(x, t, cond, guidance_scale=w, batched_guidance=False)
         c, u = teacher.predict(x, t, cond), teacher.predict(x, t, teacher.empty_prompt(2))
     expected = u.eps + w.view(-1, 1, 1, 1) * (c.eps - u.eps)
     torch.testing.assert_close(guided.eps, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(one_by_one.eps, expected, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(c.eps, u.eps)  # the prompt matters
 
 
