@@ -116,9 +116,10 @@ class LCMMethod(LatentMethodBase):
         base = teacher.model
         self.w_embedding = not cfg.use_lora and not teacher.is_dit
         self.student_net = build_student(teacher, cfg, cfg.time_cond_proj_dim if self.w_embedding else None)
-        self.side = SideThread() if side_thread_wanted(cfg.overlap_teacher, cfg.num_threads) else None
+        self.overlap = side_thread_wanted(cfg.overlap_teacher, cfg.num_threads)
+        self.side: SideThread | None = None  # started by the loop (start_training), stopped by close()
         self.side_net = None  # LoRA + side thread: a frozen copy (base + adapter) that only the side thread runs
-        if self.side is not None and cfg.use_lora:
+        if self.overlap and cfg.use_lora:
             self.side_net = copy.deepcopy(self.student_net).requires_grad_(False)
         self._next: _TeacherJob | None = None  # the next step's teacher pass, started during this step's backward
         self.target_net = None  # full mode: an EMA copy of the student
@@ -154,6 +155,12 @@ class LCMMethod(LatentMethodBase):
         next teacher pass (frozen, so independent of this update) runs during the backward."""
         if self.side is not None:
             self._next = self._start_teacher(batch, rand)
+
+    def start_training(self) -> None:
+        """Loop hook before the first step: start the side thread. Only the loop overlaps passes; direct calls
+        of compute_loss (probes, tests) stay sequential and leave the process's thread settings alone."""
+        if self.overlap and self.side is None:
+            self.side = SideThread()
 
     def close(self) -> None:
         """Loop hook at the end of training (also after an error): stop the side thread."""

@@ -160,6 +160,7 @@ def run_training(method: TrainingMethod, cfg: LoopConfig, tracker_config: dict[s
     if accelerator.is_main_process and cfg.report_to != "none":
         accelerator.init_trackers(method.name, config={k: v for k, v in (tracker_config or {}).items()
                                                      if isinstance(v, (int, float, str, bool))})
+    getattr(method, "start_training", lambda: None)()  # optional: e.g. start a helper thread
     try:
         logs = _train_steps(method, cfg, accelerator, model, optimizer, lr_scheduler, start, out)
     finally:
