@@ -200,3 +200,22 @@ def test_side_thread_overlap_gives_the_sequential_result(random_teachers, tmp_pa
         torch.set_num_threads(threads)
     assert runs[False].keys() == runs[True].keys()
     assert all(torch.equal(runs[True][key], value) for key, value in runs[False].items())
+
+
+@pytest.mark.parametrize("kind", ["sd", "sd3"])
+def test_loaded_lora_student_is_fused_without_peft_layers_and_keeps_the_numbers(random_teachers, tmp_path, kind):
+    """Latency rows load LoRA students as deployed: fused, then the peft wrappers unloaded."""
+    from peft.tuners.lora import LoraLayer
+
+    from stepdistill.evaluation.generate import load_student
+
+    method = train(random_teachers / kind, tmp_path / "run")
+    student = load_student(f"s={tmp_path / 'run' / 'lora'}", random_teachers / kind, {})
+    net = student.pipe.unet if kind == "sd" else student.pipe.transformer
+    assert not any(isinstance(m, LoraLayer) for m in net.modules())
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t, embeds = torch.tensor([999, 500]), method.teacher.encode_prompts(["rocket", "sun"])
+    with torch.no_grad():
+        trained = method.teacher.with_model(method.student_net).predict(x, t, embeds).eps
+        loaded = method.teacher.with_model(net).predict(x, t, embeds).eps
+    torch.testing.assert_close(loaded, trained, atol=1e-4, rtol=1e-3)
