@@ -181,9 +181,8 @@ def test_side_thread_overlap_gives_the_sequential_result(random_teachers, tmp_pa
     runs = {}
     try:
         for overlap in (False, True):
-            torch.set_num_threads(2 if overlap else 1)
             method = train(random_teachers / "sd", tmp_path / str(overlap), max_train_steps=4, overlap_teacher=overlap,
-                           ema_decay=0.5, **options)
+                           ema_decay=0.5, num_threads=2 if overlap else 1, **options)
             assert (method.side_net is not None) == (overlap and method.cfg.use_lora)
             assert torch.get_num_threads() == (2 if overlap else 1)  # the side thread gave the cores back
             if overlap:  # outside the loop (probes, tests) compute_loss stays sequential and leaves threads alone

@@ -182,3 +182,27 @@ def test_nonfinite_steps_are_skipped_on_the_device_and_stop_at_the_next_read(tmp
     for after_step in seen[1:]:  # steps 3-5 were non-finite: the weights stay exactly as step 2 left them
         assert all(torch.equal(p, q) for p, q in zip(after_step, expected[1]))
     assert not (tmp_path / "bad" / "run" / "model").exists()
+
+
+def test_side_thread_budget_comes_from_the_cores_not_from_omp_num_threads(monkeypatch):
+    """accelerate launch sets OMP_NUM_THREADS=1 on CPU machines; the side thread still uses a second core."""
+    from stepdistill.training import side_thread
+    from stepdistill.training.side_thread import SideThread, cores_per_process, side_thread_wanted
+
+    monkeypatch.setattr(side_thread.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert cores_per_process() == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert cores_per_process() == 1 and not side_thread_wanted(None) or torch.cuda.is_available()
+    assert side_thread_wanted(True) and not side_thread_wanted(False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # what accelerate launch leaves a CPU process with
+    side = SideThread()
+    try:
+        threads_in_side = side.submit(torch.get_num_threads).result()
+        assert torch.get_num_threads() == 2 and threads_in_side == 2  # 4 cores split 2 + 2
+    finally:
+        side.close()
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(before)

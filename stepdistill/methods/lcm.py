@@ -160,7 +160,7 @@ class LCMMethod(LatentMethodBase):
         """Loop hook before the first step: start the side thread. Only the loop overlaps passes; direct calls
         of compute_loss (probes, tests) stay sequential and leave the process's thread settings alone."""
         if self.overlap and self.side is None:
-            self.side = SideThread()
+            self.side = SideThread(self.cfg.num_threads or None)
 
     def close(self) -> None:
         """Loop hook at the end of training (also after an error): stop the side thread."""

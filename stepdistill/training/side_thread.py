@@ -8,6 +8,7 @@ release the GIL, so the two threads really run in parallel. Jobs keep the callin
 """
 from __future__ import annotations
 
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from typing import Any, Callable
@@ -17,26 +18,38 @@ import torch
 _AUTOCAST_DEVICES = ("cpu", "cuda")
 
 
+def cores_per_process() -> int:
+    """CPU cores this process may use: its affinity set shared among the node's local processes. (Not torch's
+    thread count: ``accelerate launch`` sets OMP_NUM_THREADS=1 on CPU machines by default.)"""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
 def side_thread_wanted(option: bool | None, num_threads: int | None = None) -> bool:
-    """The option, or by default: on for CPU-only runs that have at least two threads to split."""
+    """The option, or by default: on for CPU-only runs with at least two cores (``num_threads``, when given,
+    is the thread budget instead)."""
     if option is not None:
         return option
-    threads = num_threads or torch.get_num_threads()
-    return not torch.cuda.is_available() and threads >= 2
+    return not torch.cuda.is_available() and (num_threads or cores_per_process()) >= 2
 
 
 class SideThread:
     """One worker thread; :meth:`submit` returns a Future whose job ran under the caller's autocast and no_grad."""
 
-    def __init__(self) -> None:
+    def __init__(self, num_threads: int | None = None) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stepdistill-side")
+        self._budget = num_threads  # threads for both together; None: every core this process may use
         self._threads_before: int | None = None  # the main thread's count before the split, restored by close()
 
     def split_cores(self) -> None:
-        """Give each of the two threads half of the intra-op threads (once), so together they use every core
+        """Give each of the two threads half of the thread budget (once), so together they use every core
         without oversubscribing them."""
         if self._threads_before is None:
-            total = self._threads_before = torch.get_num_threads()
+            self._threads_before = torch.get_num_threads()
+            total = self._budget or cores_per_process()
             torch.set_num_threads(max(1, total // 2))
             self._pool.submit(torch.set_num_threads, max(1, total - total // 2)).result()
 
