@@ -178,23 +178,30 @@ class LCMMethod(LatentMethodBase):
     def consistency_loss(self, model: torch.nn.Module, x0: torch.Tensor, embeds: PromptEmbeds, t: torch.Tensor,
                          noise: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """LCM's objective for given draws (also used to evaluate it on a fixed batch); returns (loss, student x0)."""
-        alpha, sigma = self.teacher.schedule.alpha_sigma(t)
-        x_t = alpha.view(-1, 1, 1, 1).to(x0) * x0 + sigma.view(-1, 1, 1, 1).to(x0) * noise
+        alpha, sigma, x_t, t_prev = self._noised(x0, t, noise)
         extra = self._w_kwargs(w)
-        student = self.teacher.with_model(model)
-        prediction = consistency_output(x_t, student.predict(x_t, t, embeds, **extra), t, self.cfg.timestep_scaling_factor)
+        prediction = self._student_output(model, x_t, t, embeds, extra)
         with torch.no_grad(), timed("teacher"):
-            t_prev = (t - self.k).clamp_min(0)
             target = self._target_output(self._teacher_solver_step(x_t, t, t_prev, embeds, w), t_prev, embeds, extra)
         return self.distance(prediction, target, alpha, sigma), prediction
+
+    def _noised(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor):
+        """(alpha_t, sigma_t, x_t, t_prev): the noised latent and the grid point one skip below t."""
+        alpha, sigma = self.teacher.schedule.alpha_sigma(t)
+        x_t = alpha.view(-1, 1, 1, 1).to(x0) * x0 + sigma.view(-1, 1, 1, 1).to(x0) * noise
+        return alpha, sigma, x_t, (t - self.k).clamp_min(0)
+
+    def _student_output(self, model: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, embeds: PromptEmbeds,
+                        extra: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The student's consistency output (its x0 estimate) at t."""
+        raw = self.teacher.with_model(model).predict(x_t, t, embeds, **extra)
+        return consistency_output(x_t, raw, t, self.cfg.timestep_scaling_factor)
 
     def _start_teacher(self, batch: dict[str, Any], rand: StepRandom) -> _TeacherJob:
         """Draw a step's randomness (main thread, fixed order) and queue its teacher solver step on the side thread."""
         x0, embeds = batch["latents"], batch["embeds"]
         t, noise, w = self._draws(x0, rand)
-        alpha, sigma = self.teacher.schedule.alpha_sigma(t)
-        x_t = alpha.view(-1, 1, 1, 1).to(x0) * x0 + sigma.view(-1, 1, 1, 1).to(x0) * noise
-        t_prev = (t - self.k).clamp_min(0)
+        alpha, sigma, x_t, t_prev = self._noised(x0, t, noise)
         x_prev = self.side.submit(self._teacher_solver_step, x_t, t, t_prev, embeds, w)
         return _TeacherJob(rand.step, t, t_prev, w, alpha, sigma, x_t, x_prev)
 
@@ -204,9 +211,7 @@ class LCMMethod(LatentMethodBase):
         self._next = None
         embeds, extra = batch["embeds"], self._w_kwargs(job.w)
         target = self.side.submit(lambda: self._target_output(job.x_prev.result(), job.t_prev, embeds, extra))
-        student = self.teacher.with_model(model)
-        prediction = consistency_output(job.x_t, student.predict(job.x_t, job.t, embeds, **extra), job.t,
-                                        self.cfg.timestep_scaling_factor)
+        prediction = self._student_output(model, job.x_t, job.t, embeds, extra)
         with timed("teacher"):  # here: the time spent waiting for the side thread
             target = target.result()
         return self.distance(prediction, target, job.alpha, job.sigma), prediction

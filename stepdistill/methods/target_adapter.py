@@ -22,22 +22,25 @@ class AdapterEMA:
         names = [name for name, p in net.named_parameters() if p.requires_grad]
         if not names:
             raise ValueError("AdapterEMA needs a network with trainable (adapter) parameters")
-        self._own = None if holder is not None else {name: p.detach().clone() for name, p in net.named_parameters()
-                                                     if p.requires_grad}
         self._names = names
+        self._bind(move_own_to=None)
 
-    @property
-    def shadow(self) -> dict[str, torch.Tensor]:
-        if self.holder is None:
-            return self._own
-        held = dict(self.holder.named_parameters())
-        return {name: held[name] for name in self._names}
+    def _bind(self, move_own_to: torch.device | str | None) -> None:
+        """Look the tensors up once (not per step): the live adapter, and the EMA (the holder's, or our own)."""
+        live = dict(self.net.named_parameters())
+        self._live = [live[name] for name in self._names]
+        if self.holder is not None:
+            held = dict(self.holder.named_parameters())
+            self.shadow = {name: held[name] for name in self._names}
+        elif move_own_to is not None:
+            self.shadow = {name: t.to(move_own_to) for name, t in self.shadow.items()}
+        else:
+            self.shadow = {name: live[name].detach().clone() for name in self._names}
 
     @torch.no_grad()
     def update(self) -> None:
         """shadow <- decay * shadow + (1 - decay) * live, for every adapter tensor at once."""
-        live = dict(self.net.named_parameters())
-        torch._foreach_lerp_(list(self.shadow.values()), [live[name] for name in self.shadow], 1 - self.decay)
+        torch._foreach_lerp_(list(self.shadow.values()), self._live, 1 - self.decay)
 
     def module(self) -> torch.nn.Module:
         """The network with the EMA adapter in place of the live one (base weights shared, not copied)."""
@@ -55,8 +58,11 @@ class AdapterEMA:
                 self.shadow[name].copy_(tensor)
 
     def to_device(self, device: torch.device | str) -> None:
-        if self._own is not None:  # a holder moves with its own module
-            self._own.update({name: t.to(device) for name, t in self._own.items()})
+        """Move the networks (a no-op if already there) and look the possibly new tensors up again."""
+        self.net.to(device)
+        if self.holder is not None:
+            self.holder.to(device)
+        self._bind(move_own_to=device)
 
 
 class _WithTensors(torch.nn.Module):
