@@ -74,22 +74,30 @@ def measure_trainer(trainer: str, out: Path, batch: int, warmup: int, steps: int
 
 
 # --- sampling latency --------------------------------------------------------------------------------------
-def measure_sampling(teacher: str, students: list[str], steps: list[int]) -> list[dict]:
-    """Median single-image latency (text encoding and VAE decode included) of the teacher and each student."""
+def measure_sampling(teacher: str, students: list[str], steps: list[int], batch_sizes: list[int],
+                     repeats: int = 5) -> list[dict]:
+    """Median latency per image (text encoding and VAE decode included) of the teacher (DDIM-50, CFG 4) and
+    each student at every step count and images-per-call batch size, with the speed-up over the teacher at
+    the same batch size."""
     from stepdistill.evaluation.generate import Generator, load_student, shared_noise, teacher_solver
     from stepdistill.teacher import load_teacher
     from stepdistill.testbed import resolve_teacher_path
 
     path = resolve_teacher_path(teacher)
     wrapper = load_teacher(path)
-    noise = shared_noise(wrapper, 1, 0)
+    noise = shared_noise(wrapper, max(batch_sizes), 0)
     wrapper.pipe.scheduler = teacher_solver(wrapper.pipe, "ddim")
-    rows = [{"model": "teacher DDIM, CFG 4", "steps": 50,
-             "latency_ms": Generator("teacher", wrapper.pipe, 4.0, {}).latency_ms("rocket", 50, noise)}]
+    generators = [("teacher DDIM, CFG 4", Generator("teacher", wrapper.pipe, 4.0, {}), [50])]
     for spec in students:
-        student = load_student(spec, path, {})  # LoRA students are fused, as for deployment
-        for k in steps:
-            rows.append({"model": spec.split("=")[0], "steps": k, "latency_ms": student.latency_ms("rocket", k, noise)})
+        generators.append((spec.split("=")[0], load_student(spec, path, {}), steps))  # LoRA students fused, as deployed
+    rows, teacher_ms = [], {}
+    for batch in batch_sizes:
+        for name, generator, step_counts in generators:
+            for k in step_counts:
+                ms = generator.latency_ms("rocket", k, noise, repeats, batch)
+                teacher_ms.setdefault(batch, ms)
+                rows.append({"model": name, "steps": k, "images_per_call": batch, "latency_ms": ms,
+                             "speedup_vs_teacher": teacher_ms[batch] / ms})
     return rows
 
 
@@ -189,6 +197,17 @@ def compare_with_reference(script: Path, work: Path, teacher: str, batch: int, w
     return results
 
 
+def int_list(text: str, option: str) -> list[int]:
+    """A comma list of positive integers, or a one-line exit naming the option and the bad value."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        sys.exit(f"error: {option} {text!r} must be a comma list of positive integers, e.g. 1,16")
+    return values
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="training,sampling", help="comma list of training, sampling, reference")
@@ -199,6 +218,9 @@ def main() -> None:
     parser.add_argument("--measure_steps", type=int, default=30)
     parser.add_argument("--students", nargs="*", default=[], help="name=folder students for the sampling part")
     parser.add_argument("--sampling_steps", default="1,2,4,8")
+    parser.add_argument("--sampling_batch_sizes", default="1",
+                        help="images per pipeline call for the sampling part, e.g. 1,16 (latency is per image)")
+    parser.add_argument("--sampling_repeats", type=int, default=5, help="timed calls per sampling row (median)")
     parser.add_argument("--reference_script", help="diffusers' train_lcm_distill_lora_sd_wds.py (reference part)")
     parser.add_argument("--output_dir", default="runs/bench_speed")
     parser.add_argument("--trainer_args", default="", help="extra options for our trainers, e.g. '--torch_compile true' "
@@ -212,6 +234,8 @@ def main() -> None:
         print("RESULT " + json.dumps(result))
         return
     parts = set(args.parts.split(","))
+    sampling_steps = int_list(args.sampling_steps, "--sampling_steps")
+    batch_sizes = int_list(args.sampling_batch_sizes, "--sampling_batch_sizes")
     if "reference" in parts and not (args.reference_script and Path(args.reference_script).is_file()):
         sys.exit(f"error: --reference_script {args.reference_script!r} is not a file; give diffusers' "
                  "examples/consistency_distillation/train_lcm_distill_lora_sd_wds.py")
@@ -233,9 +257,11 @@ def main() -> None:
             print(f"{trainer:12s} {row['images_per_s']:7.1f} img/s  {row['s_per_step']:.3f} s/step ({split})  "
                   f"peak RSS {row['peak_rss_mib']:.0f} MiB", flush=True)
     if "sampling" in parts:
-        report["sampling"] = measure_sampling(args.teacher, args.students, [int(s) for s in args.sampling_steps.split(",")])
+        report["sampling"] = measure_sampling(args.teacher, args.students, sampling_steps, batch_sizes,
+                                              args.sampling_repeats)
         for row in report["sampling"]:
-            print(f"{row['model']:24s} {row['steps']:3d} steps  {row['latency_ms']:8.1f} ms/image", flush=True)
+            print(f"{row['model']:24s} {row['steps']:3d} steps  {row['images_per_call']:3d} per call  "
+                  f"{row['latency_ms']:8.1f} ms/image  {row['speedup_vs_teacher']:5.1f}x", flush=True)
     if "reference" in parts:
         report["reference"] = compare_with_reference(Path(args.reference_script), out / "reference_run", args.teacher,
                                                      args.train_batch_size, args.warmup_steps, args.measure_steps,

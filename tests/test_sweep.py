@@ -60,3 +60,46 @@ def test_bad_sweep_options():
         SweepConfig(teacher_steps=[0]).validate()
     with pytest.raises(ConfigError, match="seeds must name"):
         SweepConfig(seeds=[]).validate()
+
+
+class _FixedCostPipe:
+    """A stand-in pipeline whose call costs the same whatever its batch: per-call overhead only."""
+
+    def __init__(self):
+        self.batches = []
+
+    def __call__(self, prompts, latents, **_):
+        import time
+        from types import SimpleNamespace
+
+        self.batches.append((len(prompts), latents.shape[0]))
+        time.sleep(0.05)
+        return SimpleNamespace(images=torch.zeros(len(prompts), 3, 4, 4))
+
+
+def test_latency_is_per_image_of_a_batched_call():
+    from stepdistill.evaluation.generate import Generator
+
+    pipe = _FixedCostPipe()
+    generator = Generator("fake", pipe, 1.0, {})
+    noise = torch.zeros(8, 4, 2, 2)
+    single = generator.latency_ms("rocket", 4, noise, repeats=2, batch_size=1)
+    batched = generator.latency_ms("rocket", 4, noise, repeats=2, batch_size=8)
+    assert pipe.batches[-1] == (8, 8) and pipe.batches[0] == (1, 1)
+    assert single >= 45 and batched < single / 4  # one 50 ms call shared by 8 images
+    with pytest.raises(ConfigError, match="batch_size=16 needs 16 initial latents"):
+        generator.latency_ms("rocket", 4, noise, batch_size=16)
+
+
+@pytest.mark.parametrize("option, value", [("--sampling_batch_sizes", "0,16"), ("--sampling_steps", "4,x")])
+def test_benchmark_refuses_bad_step_or_batch_lists(tmp_path, option, value):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "eval" / "benchmark_speed.py"
+    out = tmp_path / "bench"
+    done = subprocess.run([sys.executable, str(script), "--parts", "sampling", option, value, "--output_dir", str(out)],
+                          capture_output=True, text=True)
+    assert done.returncode != 0 and not out.exists()
+    assert done.stderr.strip().splitlines()[-1] == f"error: {option} {value!r} must be a comma list of positive integers, e.g. 1,16"

@@ -56,15 +56,20 @@ class Generator:
             out.append(result.images.float() * 2 - 1)
         return torch.cat(out)
 
-    def latency_ms(self, prompt: str, steps: int, noise: torch.Tensor, repeats: int = 5) -> float:
-        """Median wall-clock time of one single-image pipeline call (text encoding and VAE decode included)."""
-        self.images([prompt], steps, noise[:1], 1)  # warm-up
+    def latency_ms(self, prompt: str, steps: int, noise: torch.Tensor, repeats: int = 5, batch_size: int = 1) -> float:
+        """Median wall-clock time per image of one pipeline call making ``batch_size`` images of the prompt
+        (text encoding and VAE decode included). At 1 it is the latency a user waits for one image; larger
+        batches show the per-image cost once the network, not per-call overhead, is the bottleneck."""
+        if noise.shape[0] < batch_size:
+            raise ConfigError(f"batch_size={batch_size} needs {batch_size} initial latents, got {noise.shape[0]}")
+        prompts, latents = [prompt] * batch_size, noise[:batch_size]
+        self.images(prompts, steps, latents, batch_size)  # warm-up
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            self.images([prompt], steps, noise[:1], 1)
+            self.images(prompts, steps, latents, batch_size)
             times.append(time.perf_counter() - start)
-        return 1000 * statistics.median(times)
+        return 1000 * statistics.median(times) / batch_size
 
 
 def load_student(spec: str, teacher_path: Path, call_kwargs: dict) -> Generator:
