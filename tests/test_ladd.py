@@ -114,3 +114,26 @@ def test_synthetic_cache_with_other_settings_is_refused(random_teachers, tmp_pat
 def test_bad_ladd_options(overrides, match):
     with pytest.raises(ConfigError, match=match):
         LADDConfig(**overrides).validate()
+
+
+@pytest.mark.parametrize("distill_weight", [0.0, 0.5])
+def test_real_data_feeds_the_discriminator_and_teacher_pairs_feed_the_regression(random_teachers, tmp_path, distill_weight):
+    method = train(random_teachers / "sd", tmp_path / "run", max_train_steps=1, real_data="real", distill_weight=distill_weight)
+    batch = method.make_batch([3, 1], torch.device("cpu"))
+    dataset = method.data.latents[[3, 1]]
+    if distill_weight == 0:  # purely adversarial against the dataset: no teacher pairs are made
+        assert method.synthetic is None and "real_latents" not in batch
+        assert torch.equal(batch["latents"], dataset)
+        assert not (tmp_path / "run" / "synthetic_latents.safetensors").exists()
+    else:  # the regression needs (noise -> sample) pairs; the discriminator still sees the dataset
+        assert torch.equal(batch["real_latents"], dataset)
+        assert torch.equal(batch["latents"], method.synthetic[0][[3, 1]])
+        assert torch.equal(batch["pair_noise"], method.synthetic[1][[3, 1]])
+        assert not torch.allclose(batch["latents"], dataset)
+    from stepdistill.training.step_random import StepRandom
+
+    seen = []
+    step = method.adversarial.discriminator_step
+    method.adversarial.discriminator_step = lambda real, *rest: seen.append(real) or step(real, *rest)
+    method.compute_loss(method.student_net, batch, StepRandom(0, 50, 0, 1, 2, torch.device("cpu")))
+    assert torch.equal(seen[0], dataset)

@@ -42,7 +42,7 @@ class LADDConfig(AdversarialOptions, LoopConfig):
     lora_alpha: float = 16.0  # LoRA alpha
     student_steps: list[int] = field(default_factory=lambda: [1, 2, 4])  # trained for the union of these step grids
     timestep_warmup_steps: int = 200  # student timesteps start at the noisiest only, reach uniform after this
-    real_data: Literal["synthetic", "real"] = "synthetic"  # 'real' latents for the discriminator: teacher samples or the dataset
+    real_data: Literal["synthetic", "real"] = "synthetic"  # the discriminator's 'real' side: teacher samples or the dataset
     synthetic_steps: int = 25  # teacher solver steps per synthetic latent
     synthetic_guidance_scale: float = 4.0  # teacher CFG scale for synthetic latents
     adversarial_weight: float = 1.0  # weight of the generator loss
@@ -90,9 +90,16 @@ class LADDMethod(LatentMethodBase):
         self.adversarial = AdversarialTerm(teacher, base, cfg, cfg.use_lora, cfg.seed) if cfg.adversarial_weight > 0 else None
         self.synthetic: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    @property
+    def uses_teacher_pairs(self) -> bool:
+        """Student inputs and regression targets come from the teacher's (noise -> sample) pairs unless the
+        run is purely adversarial against the dataset; a regression towards a dataset image from unrelated
+        noise would only teach the student the mean image."""
+        return self.cfg.real_data == "synthetic" or self.cfg.distill_weight > 0
+
     # --- shared-loop interface -------------------------------------------------------------------------
     def prepare_extra(self, accelerator: Accelerator, out: Path) -> None:
-        if self.cfg.real_data == "synthetic":
+        if self.uses_teacher_pairs:
             self.synthetic = cached_teacher_latents(out / "synthetic_latents.safetensors", self.teacher, self.data.captions,
                                                     self.cfg.synthetic_steps, self.cfg.synthetic_guidance_scale,
                                                     self.cfg.seed, accelerator, self.cfg.use_lora)
@@ -102,6 +109,8 @@ class LADDMethod(LatentMethodBase):
     def make_batch(self, indices: list[int], device: torch.device) -> dict[str, Any]:
         batch = super().make_batch(indices, device)
         if self.synthetic is not None:
+            if self.cfg.real_data == "real":
+                batch["real_latents"] = batch["latents"]
             batch["latents"] = self.synthetic[0][indices].to(device)
             batch["pair_noise"] = self.synthetic[1][indices].to(device)
         return batch
@@ -127,7 +136,8 @@ class LADDMethod(LatentMethodBase):
         fake = consistency_output(x_t, self.teacher.with_model(model).predict(x_t, t, embeds), t, self.scaling)
         loss, logs = fake.new_zeros(()), {}
         if self.adversarial is not None:
-            logs.update(self.adversarial.discriminator_step(x0, fake, embeds, rand))
+            real = batch.get("real_latents", x0)
+            logs.update(self.adversarial.discriminator_step(real, fake, embeds, rand))
             g_loss = self.adversarial.generator_loss(fake, embeds, rand)
             loss = loss + self.cfg.adversarial_weight * g_loss
             logs["g_loss"] = g_loss.detach()
