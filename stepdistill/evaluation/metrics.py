@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from stepdistill.evaluation.distances import fid_from_features, kid_from_features
+from stepdistill.evaluation.distances import fid_from_features, paired_kid_from_features
 from stepdistill.evaluation.emoji_evaluator import EmojiClassifier
 
 
@@ -27,12 +27,13 @@ def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def image_set_metrics(evaluator: EmojiClassifier, images: torch.Tensor, labels: torch.Tensor, real_features: torch.Tensor,
-                      reference: torch.Tensor | None = None, kid_subset: int = 1000) -> dict[str, float]:
-    """All testbed numbers for one generated set (and its teacher reference, same prompts and noise)."""
+                      reference: torch.Tensor | None = None) -> dict[str, float]:
+    """All testbed numbers for one generated set (and its teacher reference, same prompts and noise).
+    ``real_features`` row k are the evaluator features of the real image of ``labels[k]``."""
     feats, logits = evaluator_outputs(evaluator, images)
     row = {
         "fid": fid_from_features(real_features, feats),
-        "kid": kid_from_features(real_features, feats, max_subset_size=min(kid_subset, len(feats), len(real_features))),
+        "kid": paired_kid_from_features(real_features, feats),
         "top1": topk_alignment(logits, labels, 1),
         "top5": topk_alignment(logits, labels, 5),
     }
