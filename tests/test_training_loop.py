@@ -206,3 +206,27 @@ def test_side_thread_budget_comes_from_the_cores_not_from_omp_num_threads(monkey
         side.close()
         assert torch.get_num_threads() == 1
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("num_threads, expected", [(0, 3), (2, 2)])
+def test_training_uses_the_cores_not_omp_num_threads_and_restores_the_count(tmp_path, monkeypatch, num_threads, expected):
+    """accelerate launch leaves a CPU process with one thread; on CPU-only machines every trainer still
+    uses the cores it may (here a faked 3-core affinity) unless --num_threads says otherwise."""
+    from stepdistill.training import side_thread
+
+    monkeypatch.setattr(side_thread.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    if torch.cuda.is_available():
+        pytest.skip("the core budget applies to CPU-only machines")
+    method, seen = ToyMethod(), []
+    compute_loss = method.compute_loss
+    method.compute_loss = lambda *args: seen.append(torch.get_num_threads()) or compute_loss(*args)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_training(method, cfg(tmp_path, max_train_steps=2, num_threads=num_threads))
+        assert seen == [expected, expected] and torch.get_num_threads() == 1
+        monkeypatch.setattr(side_thread.torch.cuda, "is_available", lambda: True)
+        assert side_thread.thread_budget(0) == 1 and side_thread.thread_budget(4) == 4  # GPU machines: left alone
+    finally:
+        torch.set_num_threads(before)

@@ -158,8 +158,10 @@ def train_from_cli(config_cls: type, method_cls: type, argv: list[str] | None) -
     (config, method, last logged values) for the script's closing line."""
     from stepdistill.config import parse_cli, to_dict
     from stepdistill.training.loop import run_training
+    from stepdistill.training.side_thread import thread_budget
 
     cfg = parse_cli(config_cls, argv)
+    torch.set_num_threads(thread_budget(cfg.num_threads))  # loading (VAE encodes, prompt caching) uses the cores too
     teacher, data = load_teacher_and_data(cfg)
     method = method_cls(cfg, teacher, data)
     return cfg, method, run_training(method, cfg, tracker_config=to_dict(cfg))

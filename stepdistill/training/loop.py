@@ -22,6 +22,7 @@ from stepdistill.training.accel import speed_up_networks
 from stepdistill.training.checkpoint import list_checkpoints, load_extra_states, resolve_resume, save_checkpoint
 from stepdistill.training.log_window import LogWindow
 from stepdistill.training.nonfinite import NonFiniteCounter, step_unless_nonfinite
+from stepdistill.training.side_thread import thread_budget
 from stepdistill.training.step_random import StepRandom, batch_indices
 from stepdistill.training.timing import timed
 
@@ -50,7 +51,7 @@ class LoopConfig:
     validation_steps: int = 500  # write validation samples every N steps (0: never)
     max_nonfinite_steps: int = 5  # stop after this many consecutive non-finite losses/gradients (checked when logging)
     logging_steps: int = 1  # read losses to the host and log every N steps (GPU: > 1 avoids a host-device sync per step)
-    num_threads: int = 0  # torch CPU threads per process (0: torch's default)
+    num_threads: int = 0  # torch CPU threads per process (0: CPU-only machines: every core this process may use; GPU: torch's default)
     use_8bit_adam: bool = False  # bitsandbytes AdamW8bit (CUDA only) to cut optimizer memory on big teachers
     torch_compile: bool = False  # compile every network the step runs (torch.compile, inductor): minutes of warm-up, faster steps
     channels_last: bool = False  # networks in channels_last memory format (for GPU convolutions; slower on the CPU testbed)
@@ -131,10 +132,19 @@ def make_optimizer(cfg: LoopConfig, params: list[torch.nn.Parameter]) -> torch.o
 
 def run_training(method: TrainingMethod, cfg: LoopConfig, tracker_config: dict[str, Any] | None = None,
                  accelerator: Accelerator | None = None) -> dict[str, float]:
-    """Train ``method`` to ``cfg.max_train_steps``, resuming if asked; returns the last logged values."""
+    """Train ``method`` to ``cfg.max_train_steps``, resuming if asked; returns the last logged values.
+    Runs on ``thread_budget(cfg.num_threads)`` torch threads and restores the caller's count afterwards."""
     cfg.validate_loop()
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(thread_budget(cfg.num_threads))
+    try:
+        return _run_training(method, cfg, tracker_config, accelerator)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run_training(method: TrainingMethod, cfg: LoopConfig, tracker_config: dict[str, Any] | None,
+                  accelerator: Accelerator | None) -> dict[str, float]:
     out = prepare_output_dir(cfg)
     accelerator = accelerator or make_accelerator(cfg, out)
     to_device = getattr(method, "to_device", None)  # optional: networks and state accelerate does not place

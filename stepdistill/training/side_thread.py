@@ -28,6 +28,15 @@ def cores_per_process() -> int:
     return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
+def thread_budget(num_threads: int = 0) -> int:
+    """Torch CPU threads for a training process: ``num_threads`` when set; otherwise, on CPU-only machines,
+    every core this process may use, because ``accelerate launch`` leaves a CPU process with one thread
+    unless given ``--num_cpu_threads_per_process``; on GPU machines torch's current count."""
+    if num_threads:
+        return num_threads
+    return torch.get_num_threads() if torch.cuda.is_available() else cores_per_process()
+
+
 def side_thread_wanted(option: bool | None, num_threads: int | None = None) -> bool:
     """The option, or by default: on for CPU-only runs with at least two cores (``num_threads``, when given,
     is the thread budget instead)."""
