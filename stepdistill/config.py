@@ -85,9 +85,10 @@ def load_config(cls: type[T], config_path: str | Path | None = None, overrides: 
         raise ConfigError(f"unknown option {unknown[0]!r}; allowed options: {', '.join(sorted(types_by_name))}")
     kwargs = {k: _coerce(k, v, types_by_name[k]) for k, v in values.items()}
     config = cls(**kwargs)
-    validate = getattr(config, "validate", None)
-    if validate is not None:
-        validate()
+    for check in ("validate", "validate_loop"):  # the trainer's own (it may derive loop values), then the loop's
+        validate = getattr(config, check, None)
+        if validate is not None:
+            validate()
     return config
 
 

@@ -101,6 +101,7 @@ CASES = [
     ("train_lcm", ["--use_8bit_adam"], "use_8bit_adam=true needs a CUDA GPU"),
     ("train_lcm", ["--enable_xformers_memory_efficient_attention"], "needs a CUDA GPU"),
     ("train_progressive", ["--start_steps", "6", "--end_steps", "4"], "start_steps=6, end_steps=4"),
+    ("train_progressive", ["--num_threads", "-1"], "num_threads=-1 must be 0"),
     ("train_ladd", ["--student_steps", "0,4"], "student_steps=[0, 4]"),
     ("train_ladd", ["--gan_loss", "wasserstein"], "gan_loss='wasserstein' is not allowed"),
     ("train_ladd", ["--adversarial_weight", "0", "--distill_weight", "0"], "at least one > 0"),

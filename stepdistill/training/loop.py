@@ -67,6 +67,8 @@ class LoopConfig:
             raise ConfigError(f"checkpoints_total_limit={self.checkpoints_total_limit} must be at least 1 or none")
         if self.validation_steps < 0:
             raise ConfigError(f"validation_steps={self.validation_steps} must be 0 (never) or positive")
+        if self.num_threads < 0:
+            raise ConfigError(f"num_threads={self.num_threads} must be 0 (every core this process may use) or positive")
 
 
 class TrainingMethod(Protocol):
