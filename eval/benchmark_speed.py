@@ -234,6 +234,8 @@ def main() -> None:
         print("RESULT " + json.dumps(result))
         return
     parts = set(args.parts.split(","))
+    if not parts <= {"training", "sampling", "reference"}:
+        sys.exit(f"error: --parts {args.parts!r} may only name training, sampling and reference")
     sampling_steps = int_list(args.sampling_steps, "--sampling_steps")
     batch_sizes = int_list(args.sampling_batch_sizes, "--sampling_batch_sizes")
     if "reference" in parts and not (args.reference_script and Path(args.reference_script).is_file()):
@@ -271,6 +273,11 @@ def main() -> None:
               f"stepdistill {ours['images_per_s']:.1f} img/s, {ours['peak_rss_mib']:.0f} MiB; "
               f"speed-up {report['reference']['speedup']:.2f}x", flush=True)
     (out / "bench_speed.json").write_text(json.dumps(report, indent=2))
+    from stepdistill.evaluation.speed_report import speed_markdown, write_speed_plot
+
+    (out / "bench_speed.md").write_text(speed_markdown(report))
+    write_speed_plot(report, out / "bench_speed.png")
+    print(f"report: {out / 'bench_speed.md'}, {out / 'bench_speed.png'}", flush=True)
 
 
 if __name__ == "__main__":

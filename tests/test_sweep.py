@@ -91,15 +91,44 @@ def test_latency_is_per_image_of_a_batched_call():
         generator.latency_ms("rocket", 4, noise, batch_size=16)
 
 
-@pytest.mark.parametrize("option, value", [("--sampling_batch_sizes", "0,16"), ("--sampling_steps", "4,x")])
-def test_benchmark_refuses_bad_step_or_batch_lists(tmp_path, option, value):
+@pytest.mark.parametrize("option, value, message", [
+    ("--sampling_batch_sizes", "0,16", "must be a comma list of positive integers, e.g. 1,16"),
+    ("--sampling_steps", "4,x", "must be a comma list of positive integers, e.g. 1,16"),
+    ("--parts", "sampling,speed", "may only name training, sampling and reference"),
+])
+def test_benchmark_refuses_bad_parts_steps_or_batch_lists(tmp_path, option, value, message):
     import subprocess
     import sys
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "eval" / "benchmark_speed.py"
     out = tmp_path / "bench"
-    done = subprocess.run([sys.executable, str(script), "--parts", "sampling", option, value, "--output_dir", str(out)],
-                          capture_output=True, text=True)
+    argv = [option, value] if option == "--parts" else ["--parts", "sampling", option, value]
+    done = subprocess.run([sys.executable, str(script), *argv, "--output_dir", str(out)], capture_output=True, text=True)
     assert done.returncode != 0 and not out.exists()
-    assert done.stderr.strip().splitlines()[-1] == f"error: {option} {value!r} must be a comma list of positive integers, e.g. 1,16"
+    assert done.stderr.strip().splitlines()[-1] == f"error: {option} {value!r} {message}"
+
+
+def test_speed_report_tables_and_plot(tmp_path):
+    from stepdistill.evaluation.speed_report import speed_markdown, write_speed_plot
+
+    report = {
+        "training": [{"trainer": "lcm", "batch": 32, "images_per_s": 91.4, "s_per_step": 0.35,
+                      "split_s_per_step": {"student": 0.3, "data": 0.01}, "peak_rss_mib": 1376.3}],
+        "sampling": [{"model": "teacher DDIM, CFG 4", "steps": 50, "images_per_call": 1, "latency_ms": 640.0, "speedup_vs_teacher": 1.0},
+                     {"model": "lcm-lora", "steps": 4, "images_per_call": 1, "latency_ms": 44.3, "speedup_vs_teacher": 14.45}],
+        "reference": {"reference": {"images_per_s": 72.7, "peak_rss_mib": 1302.4, "s_per_step": 0.44},
+                      "stepdistill": {"images_per_s": 91.4, "peak_rss_mib": 1376.3, "s_per_step": 0.35}, "speedup": 1.257},
+    }
+    text = speed_markdown(report)
+    assert "| lcm | 32 | 91.4 | 0.350 | data 0.010, student 0.300 | 1376 |" in text
+    assert "| lcm-lora | 4 | 1 | 44.3 | 14.4x |" in text and "speed-up: 1.26x" in text
+    write_speed_plot(report, tmp_path / "speed.png")
+    plot = Image.open(tmp_path / "speed.png")
+    assert plot.size[0] > 3 * plot.size[1] / 2 and len(np.unique(np.asarray(plot.convert("L")))) > 10  # three panels, drawn
+    only_sampling = {"sampling": report["sampling"]}
+    assert "images/s" not in speed_markdown(only_sampling)
+    write_speed_plot(only_sampling, tmp_path / "one.png")
+    assert Image.open(tmp_path / "one.png").size[0] < plot.size[0]
+    with pytest.raises(ValueError, match="no measured part"):
+        write_speed_plot({}, tmp_path / "none.png")

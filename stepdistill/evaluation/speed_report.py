@@ -1,0 +1,74 @@
+"""Speed benchmark report files: markdown tables and one PNG with a panel per measured part, so a run's
+figures can be read at a glance instead of from its JSON."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def speed_markdown(report: dict[str, Any]) -> str:
+    """One markdown table per part present in ``report`` (training, sampling, reference)."""
+    parts = []
+    if report.get("training"):
+        lines = ["| trainer | batch | images/s | s/step | split (s/step) | peak RSS (MiB) |", "|---|---|---|---|---|---|"]
+        for row in report["training"]:
+            split = ", ".join(f"{k} {v:.3f}" for k, v in sorted(row["split_s_per_step"].items()))
+            lines.append(f"| {row['trainer']} | {row['batch']} | {row['images_per_s']:.1f} | {row['s_per_step']:.3f} | "
+                         f"{split} | {row['peak_rss_mib']:.0f} |")
+        parts.append("\n".join(lines))
+    if report.get("sampling"):
+        lines = ["| model | steps | images per call | ms/image | speed-up over the teacher |", "|---|---|---|---|---|"]
+        for row in report["sampling"]:
+            lines.append(f"| {row['model']} | {row['steps']} | {row['images_per_call']} | {row['latency_ms']:.1f} | "
+                         f"{row['speedup_vs_teacher']:.1f}x |")
+        parts.append("\n".join(lines))
+    if report.get("reference"):
+        ref = report["reference"]
+        lines = ["| LCM-LoRA script | images/s | peak RSS (MiB) |", "|---|---|---|"]
+        for name in ("reference", "stepdistill"):
+            lines.append(f"| {name} | {ref[name]['images_per_s']:.1f} | {ref[name]['peak_rss_mib']:.0f} |")
+        lines.append(f"\nspeed-up: {ref['speedup']:.2f}x")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
+def write_speed_plot(report: dict[str, Any], path: Path) -> None:
+    """Training images/s per trainer, sampling ms/image per row (log scale, speed-up printed on each bar),
+    and the reference comparison, as side-by-side panels of one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [part for part in ("training", "sampling", "reference") if report.get(part)]
+    if not panels:
+        raise ValueError("the speed report holds no measured part to plot")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), dpi=120, squeeze=False)
+    for ax, part in zip(axes[0], panels):
+        if part == "training":
+            rows = report["training"]
+            bars = ax.bar([r["trainer"] for r in rows], [r["images_per_s"] for r in rows], color="tab:blue")
+            ax.bar_label(bars, labels=[f"{r['peak_rss_mib']:.0f} MiB" for r in rows], fontsize=8)
+            ax.set_ylabel("training images/s")
+            ax.set_title(f"training, batch {rows[0]['batch']}")
+        elif part == "sampling":
+            rows = report["sampling"]
+            labels = [f"{r['model']}\n{r['steps']} steps, x{r['images_per_call']}" for r in rows]
+            bars = ax.bar(range(len(rows)), [r["latency_ms"] for r in rows],
+                          color=["tab:gray" if r["speedup_vs_teacher"] == 1.0 else "tab:green" for r in rows])
+            ax.bar_label(bars, labels=[f"{r['speedup_vs_teacher']:.1f}x" for r in rows], fontsize=8)
+            ax.set_xticks(range(len(rows)), labels, fontsize=7, rotation=30, ha="right")
+            ax.set_yscale("log")
+            ax.set_ylabel("ms per image (log)")
+            ax.set_title("sampling (x N: images per call)")
+        else:
+            ref = report["reference"]
+            names = ["reference", "stepdistill"]
+            bars = ax.bar(names, [ref[n]["images_per_s"] for n in names], color=["tab:gray", "tab:blue"])
+            ax.bar_label(bars, labels=[f"{ref[n]['peak_rss_mib']:.0f} MiB" for n in names], fontsize=8)
+            ax.set_ylabel("LCM-LoRA training images/s")
+            ax.set_title(f"against diffusers' script: {ref['speedup']:.2f}x")
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
