@@ -169,6 +169,8 @@ def test_guidance_distillation_moves_the_student_toward_the_guided_teacher(tmp_p
     (dict(max_train_steps=5), "max_train_steps=5 does not match"),
     (dict(ema_decay=1.0), "ema_decay=1.0 is out of range"),
     (dict(w_min=4.0, w_max=1.0), "w_min=4.0, w_max=1.0"),
+    (dict(adversarial_weight=-0.1), "adversarial_weight=-0.1 must be 0"),
+    (dict(disc_learning_rate=0.0), "disc_learning_rate=0.0 must be positive"),
 ])
 def test_bad_progressive_options(overrides, match):
     with pytest.raises(ConfigError, match=match):
@@ -225,3 +227,27 @@ def test_auto_target_is_the_networks_own_output_space(random_teachers, kind, exp
     cfg.validate()
     teacher = load_teacher(random_teachers / kind, max_sequence_length=8)
     assert ProgressiveMethod(cfg, teacher, LatentPromptData(teacher, small_data(4))).target == expected
+
+
+def test_adversarial_term_joins_the_halving_rounds_and_resumes_exactly(random_teachers, tmp_path):
+    from safetensors.torch import load_file
+
+    from stepdistill.training.step_random import StepRandom
+
+    options = dict(adversarial_weight=0.5, disc_hidden=8, guidance_distillation_steps=2)  # steps 0-1 guidance, 2-7 rounds
+    method = train(random_teachers / "sd", tmp_path / "a", **options)
+    batch = method.make_batch([0, 1, 2, 3], torch.device("cpu"))
+    _, guidance_logs = method.compute_loss(method.student_net, batch, StepRandom(0, 1, 0, 1, 4, torch.device("cpu")))
+    _, round_logs = method.compute_loss(method.student_net, batch, StepRandom(0, 3, 0, 1, 4, torch.device("cpu")))
+    assert "g_loss" not in guidance_logs and {"g_loss", "d_loss", "distill_loss"} <= round_logs.keys()
+    train(random_teachers / "sd", tmp_path / "b", **options)
+    shutil.rmtree(tmp_path / "b" / "checkpoint-8")  # as if killed after step 6 (inside round 1)
+    shutil.rmtree(tmp_path / "b" / "pipeline")
+    train(random_teachers / "sd", tmp_path / "b", resume_from_checkpoint="latest", **options)
+    train(random_teachers / "sd", tmp_path / "plain", guidance_distillation_steps=2)
+    weights = "pipeline/unet/diffusion_pytorch_model.safetensors"
+    a, b, plain = (load_file(tmp_path / run / weights) for run in ("a", "b", "plain"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], plain[k]) for k in a)  # the term changed the student
+    heads_a, heads_b = (load_file(tmp_path / run / "checkpoint-8" / "model_1.safetensors") for run in ("a", "b"))
+    assert heads_a.keys() == heads_b.keys() and all(torch.equal(heads_a[k], heads_b[k]) for k in heads_a)

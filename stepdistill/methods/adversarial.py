@@ -132,6 +132,15 @@ class AdversarialTerm:
         teacher features."""
         return generator_loss(self._logits(fake_x0, embeds, rand), self.opts.gan_loss)
 
+    def student_term(self, real_x0: torch.Tensor, fake_x0: torch.Tensor, embeds: PromptEmbeds,
+                     rand: StepRandom) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """What a trainer adds to its own loss: one head update on real and (detached) student latents, then
+        the student's generator loss. Returns (generator loss, logging values including it)."""
+        logs = self.discriminator_step(real_x0, fake_x0, embeds, rand)
+        g_loss = self.generator_loss(fake_x0, embeds, rand)
+        logs["g_loss"] = g_loss.detach()
+        return g_loss, logs
+
     @torch.no_grad()
     def scores(self, x0: torch.Tensor, embeds: PromptEmbeds, rand: StepRandom) -> torch.Tensor:
         """Mean logit per sample (B,) for evaluation: higher means 'looks like the data'."""

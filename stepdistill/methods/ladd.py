@@ -136,11 +136,8 @@ class LADDMethod(LatentMethodBase):
         fake = consistency_output(x_t, self.teacher.with_model(model).predict(x_t, t, embeds), t, self.scaling)
         loss, logs = fake.new_zeros(()), {}
         if self.adversarial is not None:
-            real = batch.get("real_latents", x0)
-            logs.update(self.adversarial.discriminator_step(real, fake, embeds, rand))
-            g_loss = self.adversarial.generator_loss(fake, embeds, rand)
+            g_loss, logs = self.adversarial.student_term(batch.get("real_latents", x0), fake, embeds, rand)
             loss = loss + self.cfg.adversarial_weight * g_loss
-            logs["g_loss"] = g_loss.detach()
         if self.cfg.distill_weight > 0:
             regression = torch.nn.functional.mse_loss(fake.float(), x0.float())
             loss = loss + self.cfg.distill_weight * regression

@@ -144,9 +144,8 @@ class LCMMethod(LatentMethodBase):
             loss, prediction = self._overlapped_loss(model, batch, rand)
         logs = {}
         if self.adversarial is not None:  # the consistency output is the student's x0 estimate: judge it like LADD
-            logs.update(self.adversarial.discriminator_step(x0, prediction, embeds, rand))
-            g_loss = self.adversarial.generator_loss(prediction, embeds, rand)
-            logs.update(consistency_loss=loss.detach(), g_loss=g_loss.detach())
+            g_loss, logs = self.adversarial.student_term(x0, prediction, embeds, rand)
+            logs["consistency_loss"] = loss.detach()
             loss = loss + self.cfg.adversarial_weight * g_loss
         return loss, logs
 

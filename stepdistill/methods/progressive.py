@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from diffusers import DDIMScheduler
 
 from stepdistill.errors import ConfigError
+from stepdistill.methods.adversarial import AdversarialOptions, AdversarialTerm
 from stepdistill.methods.common import LatentMethodBase, LatentPromptData, full_student, write_validation
 from stepdistill.methods.export import STUDENT_META, replace_folder, write_model_card
 from stepdistill.solvers import ddim_step, guidance_scale_embedding, halving_pairs, sample_ddim
@@ -30,7 +31,7 @@ from stepdistill.training.timing import timed
 
 
 @dataclass
-class ProgressiveConfig(LoopConfig):
+class ProgressiveConfig(AdversarialOptions, LoopConfig):
     """Progressive distillation options; shared-loop options (learning rate, checkpoints, ...) as in LoopConfig."""
 
     pretrained_teacher_model: str = "tiny-sd"  # shipped teacher name or diffusers pipeline folder
@@ -46,6 +47,7 @@ class ProgressiveConfig(LoopConfig):
     target: Literal["auto", "x", "eps", "v"] = "auto"  # regression space (Salimans & Ho, sec. 4); auto: the network's own output
     loss_weighting: Literal["none", "truncated_snr", "snr_plus_one"] = "none"  # extra SNR weight on that error
     ema_decay: float = 0.99  # EMA of the student; the EMA is exported and becomes the next round's teacher (0: off)
+    adversarial_weight: float = 0.0  # > 0: add LADD's discriminator loss on the student's x0 in the halving rounds (real side: the dataset; gan_loss, disc_* options)
     gradient_checkpointing: bool = False  # trade compute for memory on big teachers
     enable_xformers_memory_efficient_attention: bool = False  # GPU only
     max_sequence_length: int = 8  # SD3-class teachers: zero-T5 tokens (testbed DiT: 8)
@@ -53,6 +55,9 @@ class ProgressiveConfig(LoopConfig):
     max_train_steps: int = 0  # 0: guidance_distillation_steps + rounds x iterations_per_round (other values refused)
 
     def validate(self) -> None:
+        self.validate_adversarial()
+        if self.adversarial_weight < 0:
+            raise ConfigError(f"adversarial_weight={self.adversarial_weight} must be 0 (off) or positive")
         if self.start_steps < 2 or self.end_steps < 1 or self.start_steps % self.end_steps:
             raise ConfigError(f"start_steps={self.start_steps}, end_steps={self.end_steps}: need start_steps >= 2 and "
                               "a multiple of end_steps")
@@ -156,6 +161,13 @@ class ProgressiveMethod(LatentMethodBase):
         # so a resumed round sees them).
         self.round_teacher = copy.deepcopy(self.student_net).requires_grad_(False)
         self.ema_net = copy.deepcopy(self.student_net).requires_grad_(False)
+        # Optional adversarial term: heads on the frozen original teacher's features judge the student's x0
+        # against the dataset's latents, so a round can aim past its teacher's sampler rather than only copy it.
+        self.adversarial = AdversarialTerm(teacher, teacher.model, cfg, False, cfg.seed) if cfg.adversarial_weight > 0 else None
+
+    def prepare_extra(self, accelerator: Accelerator, out: Path) -> None:
+        if self.adversarial is not None:
+            self.adversarial.prepare(accelerator)
 
     # --- schedule ----------------------------------------------------------------------------------------
     def phase_at(self, step: int) -> Phase:
@@ -188,7 +200,12 @@ class ProgressiveMethod(LatentMethodBase):
         pred = self.teacher.with_model(model).predict(x_t, t, embeds, **self._w_kwargs(w))
         alpha, sigma = (v.to(x0.device) for v in self.teacher.schedule.alpha_sigma(t))
         loss = weighted_x0_loss(pred.x0, x0_target, alpha, sigma, self.target, self.cfg.loss_weighting)
-        return loss, {"round": float(phase.index if phase.kind == "halving" else -1)}
+        logs = {"round": float(phase.index if phase.kind == "halving" else -1)}
+        if self.adversarial is not None and phase.kind == "halving":
+            g_loss, adversarial_logs = self.adversarial.student_term(x0, pred.x0, embeds, rand)
+            logs.update(adversarial_logs, distill_loss=loss.detach())
+            loss = loss + self.cfg.adversarial_weight * g_loss
+        return loss, logs
 
     def _noised(self, x0: torch.Tensor, t: torch.Tensor, rand: StepRandom) -> torch.Tensor:
         alpha, sigma = (v.to(x0).view(-1, 1, 1, 1) for v in self.teacher.schedule.alpha_sigma(t))
