@@ -42,7 +42,7 @@ def side_thread_wanted(option: bool | None, num_threads: int | None = None) -> b
     is the thread budget instead)."""
     if option is not None:
         return option
-    return not torch.cuda.is_available() and (num_threads or cores_per_process()) >= 2
+    return not torch.cuda.is_available() and thread_budget(num_threads or 0) >= 2
 
 
 class SideThread:
@@ -58,7 +58,7 @@ class SideThread:
         without oversubscribing them."""
         if self._threads_before is None:
             self._threads_before = torch.get_num_threads()
-            total = self._budget or cores_per_process()
+            total = thread_budget(self._budget or 0)
             torch.set_num_threads(max(1, total // 2))
             self._pool.submit(torch.set_num_threads, max(1, total - total // 2)).result()
 
