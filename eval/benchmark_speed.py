@@ -75,11 +75,12 @@ def measure_trainer(trainer: str, out: Path, batch: int, warmup: int, steps: int
 
 # --- sampling latency --------------------------------------------------------------------------------------
 def measure_sampling(teacher: str, students: list[str], steps: list[int], batch_sizes: list[int],
-                     repeats: int = 5) -> list[dict]:
+                     repeats: int = 5) -> tuple[list[dict], list[dict]]:
     """Median latency per image (text encoding and VAE decode included) of the teacher (DDIM-50, CFG 4) and
     each student at every step count and images-per-call batch size, with the speed-up over the teacher at
-    the same batch size."""
+    the same batch size; and, per batch size, the call's parts timed alone with the speed-up they imply."""
     from stepdistill.evaluation.generate import Generator, load_student, shared_noise, teacher_solver
+    from stepdistill.evaluation.sampling_parts import predicted_speedup, sampling_parts_ms
     from stepdistill.teacher import load_teacher
     from stepdistill.testbed import resolve_teacher_path
 
@@ -90,15 +91,19 @@ def measure_sampling(teacher: str, students: list[str], steps: list[int], batch_
     generators = [("teacher DDIM, CFG 4", Generator("teacher", wrapper.pipe, 4.0, {}), [50])]
     for spec in students:
         generators.append((spec.split("=")[0], load_student(spec, path, {}), steps))  # LoRA students fused, as deployed
-    rows, teacher_ms = [], {}
+    rows, teacher_ms, parts_rows = [], {}, []
     for batch in batch_sizes:
+        if students:  # no student, no speed-up to explain
+            parts = sampling_parts_ms(wrapper, batch, 4.0, repeats)
+            parts_rows.append({"images_per_call": batch, "parts_ms": parts,
+                               "predicted_speedup": {str(k): predicted_speedup(parts, k) for k in steps}})
         for name, generator, step_counts in generators:
             for k in step_counts:
                 ms = generator.latency_ms("rocket", k, noise, repeats, batch)
                 teacher_ms.setdefault(batch, ms)
                 rows.append({"model": name, "steps": k, "images_per_call": batch, "latency_ms": ms,
                              "speedup_vs_teacher": teacher_ms[batch] / ms})
-    return rows
+    return rows, parts_rows
 
 
 # --- reference comparison ----------------------------------------------------------------------------------
@@ -259,11 +264,16 @@ def main() -> None:
             print(f"{trainer:12s} {row['images_per_s']:7.1f} img/s  {row['s_per_step']:.3f} s/step ({split})  "
                   f"peak RSS {row['peak_rss_mib']:.0f} MiB", flush=True)
     if "sampling" in parts:
-        report["sampling"] = measure_sampling(args.teacher, args.students, sampling_steps, batch_sizes,
-                                              args.sampling_repeats)
+        report["sampling"], report["sampling_parts"] = measure_sampling(args.teacher, args.students, sampling_steps,
+                                                                        batch_sizes, args.sampling_repeats)
         for row in report["sampling"]:
             print(f"{row['model']:24s} {row['steps']:3d} steps  {row['images_per_call']:3d} per call  "
                   f"{row['latency_ms']:8.1f} ms/image  {row['speedup_vs_teacher']:5.1f}x", flush=True)
+        for row in report["sampling_parts"]:
+            parts = ", ".join(f"{k} {v:.1f}" for k, v in row["parts_ms"].items())
+            implied = ", ".join(f"{k} steps {v['with_fixed_costs']:.1f}x (network only {v['network_only']:.1f}x)"
+                                for k, v in row["predicted_speedup"].items())
+            print(f"parts of a call of {row['images_per_call']} (ms): {parts}; implied speed-up: {implied}", flush=True)
     if "reference" in parts:
         report["reference"] = compare_with_reference(Path(args.reference_script), out / "reference_run", args.teacher,
                                                      args.train_batch_size, args.warmup_steps, args.measure_steps,

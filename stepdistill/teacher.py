@@ -162,12 +162,13 @@ class TeacherWrapper:
         """Prompt embeddings with a per-prompt cache (the empty prompt included), on the model's device."""
         missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
         if missing:
-            for prompt, embeds in zip(missing, self._encode_uncached(missing)):
+            for prompt, embeds in zip(missing, self.encode_uncached(missing)):
                 self._prompt_cache[prompt] = embeds
         device = next(self.model.parameters()).device
         return PromptEmbeds.cat([self._prompt_cache[p] for p in prompts]).to(device)
 
-    def _encode_uncached(self, prompts: list[str]) -> list[PromptEmbeds]:
+    def encode_uncached(self, prompts: list[str]) -> list[PromptEmbeds]:
+        """One text-encoder call for ``prompts`` (no cache): what a pipeline call pays for its prompts."""
         device = self.pipe.text_encoder.device
         if self.is_dit:
             hidden, _, pooled, _ = self.pipe.encode_prompt(prompts, prompts, None, device=device,

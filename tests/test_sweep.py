@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -69,7 +70,6 @@ class _FixedCostPipe:
         self.batches = []
 
     def __call__(self, prompts, latents, **_):
-        import time
         from types import SimpleNamespace
 
         self.batches.append((len(prompts), latents.shape[0]))
@@ -117,12 +117,15 @@ def test_speed_report_tables_and_plot(tmp_path):
                       "split_s_per_step": {"student": 0.3, "data": 0.01}, "peak_rss_mib": 1376.3}],
         "sampling": [{"model": "teacher DDIM, CFG 4", "steps": 50, "images_per_call": 1, "latency_ms": 640.0, "speedup_vs_teacher": 1.0},
                      {"model": "lcm-lora", "steps": 4, "images_per_call": 1, "latency_ms": 44.3, "speedup_vs_teacher": 14.45}],
+        "sampling_parts": [{"images_per_call": 1, "parts_ms": {"encode": 1.0, "encode_cfg": 2.0, "pass": 8.0, "cfg_pass": 11.0, "decode": 5.0},
+                            "predicted_speedup": {"4": {"with_fixed_costs": 14.6, "network_only": 17.19}}}],
         "reference": {"reference": {"images_per_s": 72.7, "peak_rss_mib": 1302.4, "s_per_step": 0.44},
                       "stepdistill": {"images_per_s": 91.4, "peak_rss_mib": 1376.3, "s_per_step": 0.35}, "speedup": 1.257},
     }
     text = speed_markdown(report)
     assert "| lcm | 32 | 91.4 | 0.350 | data 0.010, student 0.300 | 1376 |" in text
     assert "| lcm-lora | 4 | 1 | 44.3 | 14.4x |" in text and "speed-up: 1.26x" in text
+    assert "| 1 | 1.0 | 2.0 | 8.0 | 11.0 | 5.0 | 14.6x (17.2x) |" in text and "implied 4-step speed-up" in text
     write_speed_plot(report, tmp_path / "speed.png")
     plot = Image.open(tmp_path / "speed.png")
     assert plot.size[0] > 3 * plot.size[1] / 2 and len(np.unique(np.asarray(plot.convert("L")))) > 10  # three panels, drawn
@@ -132,3 +135,41 @@ def test_speed_report_tables_and_plot(tmp_path):
     assert Image.open(tmp_path / "one.png").size[0] < plot.size[0]
     with pytest.raises(ValueError, match="no measured part"):
         write_speed_plot({}, tmp_path / "none.png")
+
+
+def test_sampling_parts_time_the_right_calls(sd_pipe, monkeypatch):
+    """Each part times its own call: a denoiser made 10 ms slower per image and a decoder 40 ms slower per
+    call show up in pass (x batch), CFG pass (x 2 batch) and decode, and nowhere else."""
+    import copy
+
+    from stepdistill.evaluation.sampling_parts import sampling_parts_ms
+    from stepdistill.teacher import TeacherWrapper
+
+    teacher = TeacherWrapper(copy.copy(sd_pipe))
+    unet_forward, decode = teacher.model.forward, teacher.pipe.vae.decode
+
+    def slow_unet(x, *args, **kwargs):
+        time.sleep(0.010 * x.shape[0])
+        return unet_forward(x, *args, **kwargs)
+
+    def slow_decode(*args, **kwargs):
+        time.sleep(0.040)
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(teacher.model, "forward", slow_unet)
+    monkeypatch.setattr(teacher.pipe.vae, "decode", slow_decode)
+    parts = sampling_parts_ms(teacher, batch_size=2, repeats=2)
+    assert set(parts) == {"encode", "encode_cfg", "pass", "cfg_pass", "decode"}
+    assert 20 <= parts["pass"] < 40 <= parts["cfg_pass"] and parts["decode"] >= 40
+    assert parts["encode"] < 20 and parts["encode_cfg"] < 20
+
+
+def test_predicted_speedup_from_parts():
+    from stepdistill.evaluation.sampling_parts import predicted_speedup
+
+    parts = {"encode": 1.0, "encode_cfg": 2.0, "pass": 10.0, "cfg_pass": 20.0, "decode": 5.0}
+    got = predicted_speedup(parts, student_steps=4)
+    assert got["network_only"] == pytest.approx(25.0)  # 50 x 2 passes against 4
+    assert got["with_fixed_costs"] == pytest.approx((2 + 50 * 20 + 5) / (1 + 4 * 10 + 5))
+    cheap_cfg = predicted_speedup({**parts, "cfg_pass": 12.0}, student_steps=4)
+    assert cheap_cfg["network_only"] == pytest.approx(15.0)  # a CFG pass at 1.2 passes caps it at 15x

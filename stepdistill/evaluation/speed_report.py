@@ -7,7 +7,7 @@ from typing import Any
 
 
 def speed_markdown(report: dict[str, Any]) -> str:
-    """One markdown table per part present in ``report`` (training, sampling, reference)."""
+    """One markdown table per part present in ``report`` (training, sampling and its parts, reference)."""
     parts = []
     if report.get("training"):
         lines = ["| trainer | batch | images/s | s/step | split (s/step) | peak RSS (MiB) |", "|---|---|---|---|---|---|"]
@@ -21,6 +21,19 @@ def speed_markdown(report: dict[str, Any]) -> str:
         for row in report["sampling"]:
             lines.append(f"| {row['model']} | {row['steps']} | {row['images_per_call']} | {row['latency_ms']:.1f} | "
                          f"{row['speedup_vs_teacher']:.1f}x |")
+        parts.append("\n".join(lines))
+    if report.get("sampling_parts"):
+        steps = list(report["sampling_parts"][0]["predicted_speedup"])
+        head = "| images per call | encode | encode + empty prompt | pass | CFG pass | VAE decode | " + \
+            " | ".join(f"implied {k}-step speed-up (network only)" for k in steps) + " |"
+        lines = ["Parts of one call, ms (the teacher pays encode + empty prompt, 50 CFG passes and a decode; "
+                 "a student the encode, k passes and a decode):", "", head, "|---" * (6 + len(steps)) + "|"]
+        for row in report["sampling_parts"]:
+            p = row["parts_ms"]
+            implied = " | ".join(f"{v['with_fixed_costs']:.1f}x ({v['network_only']:.1f}x)"
+                                 for v in row["predicted_speedup"].values())
+            lines.append(f"| {row['images_per_call']} | {p['encode']:.1f} | {p['encode_cfg']:.1f} | {p['pass']:.1f} | "
+                         f"{p['cfg_pass']:.1f} | {p['decode']:.1f} | {implied} |")
         parts.append("\n".join(lines))
     if report.get("reference"):
         ref = report["reference"]
