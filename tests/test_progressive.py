@@ -123,17 +123,39 @@ def test_every_round_exports_a_pipeline_that_samples_like_our_sampler(random_tea
     assert 0 < (a - b).abs().max() and "num_inference_steps=1" in (tmp_path / "run" / "pipeline" / "README.md").read_text()
 
 
-def test_resume_across_a_round_boundary_reproduces_the_uninterrupted_run(random_teachers, tmp_path):
+@pytest.mark.parametrize("lr_per_round", [False, True])
+def test_resume_across_a_round_boundary_reproduces_the_uninterrupted_run(random_teachers, tmp_path, lr_per_round):
     from safetensors.torch import load_file
 
-    train(random_teachers / "sd", tmp_path / "a")  # 2 rounds x 3 steps, checkpoints at 2, 4, 6
-    train(random_teachers / "sd", tmp_path / "b")
+    train(random_teachers / "sd", tmp_path / "a", lr_per_round=lr_per_round)  # 2 rounds x 3 steps, checkpoints at 2, 4, 6
+    train(random_teachers / "sd", tmp_path / "b", lr_per_round=lr_per_round)
     shutil.rmtree(tmp_path / "b" / "checkpoint-6")  # as if killed after step 4 (inside round 1)
     shutil.rmtree(tmp_path / "b" / "pipeline")
-    train(random_teachers / "sd", tmp_path / "b", resume_from_checkpoint="latest")
+    train(random_teachers / "sd", tmp_path / "b", resume_from_checkpoint="latest", lr_per_round=lr_per_round)
     weights = "unet/diffusion_pytorch_model.safetensors"
     a, b = load_file(tmp_path / "a" / "pipeline" / weights), load_file(tmp_path / "b" / "pipeline" / weights)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("num_processes", [1, 2])
+def test_lr_per_round_restarts_and_decays_within_every_phase(random_teachers, num_processes):
+    cfg = ProgressiveConfig(pretrained_teacher_model=str(random_teachers / "sd"), start_steps=4, end_steps=1,
+                            guidance_distillation_steps=4, iterations_per_round=4, lr_warmup_steps=1, lr_per_round=True,
+                            learning_rate=1.0)
+    cfg.validate()
+    teacher = load_teacher(random_teachers / "sd")
+    method = ProgressiveMethod(cfg, teacher, LatentPromptData(teacher, small_data(4)))
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = method.make_lr_scheduler(optimizer, num_processes)
+    rates = []
+    for _ in range(12):  # guidance stage + 2 rounds, 4 optimizer steps each
+        rates.append(optimizer.param_groups[0]["lr"])
+        for _ in range(num_processes):  # accelerate steps a prepared scheduler once per process
+            optimizer.step()
+            scheduler.step()
+    assert rates == pytest.approx([0.0, 1.0, 2 / 3, 1 / 3] * 3)
+    cfg.lr_per_round = False
+    assert method.make_lr_scheduler(optimizer, num_processes) is None  # the loop's own --lr_scheduler
 
 
 def test_guidance_distillation_moves_the_student_toward_the_guided_teacher(tmp_path):
@@ -171,6 +193,7 @@ def test_guidance_distillation_moves_the_student_toward_the_guided_teacher(tmp_p
     (dict(w_min=4.0, w_max=1.0), "w_min=4.0, w_max=1.0"),
     (dict(adversarial_weight=-0.1), "adversarial_weight=-0.1 must be 0"),
     (dict(disc_learning_rate=0.0), "disc_learning_rate=0.0 must be positive"),
+    (dict(lr_per_round=True, iterations_per_round=10, lr_warmup_steps=10), "lr_warmup_steps=10 with lr_per_round"),
 ])
 def test_bad_progressive_options(overrides, match):
     with pytest.raises(ConfigError, match=match):

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import torch
 from accelerate import Accelerator
 from diffusers import DDIMScheduler
+from torch.optim.lr_scheduler import LambdaLR
 
 from stepdistill.errors import ConfigError
 from stepdistill.methods.adversarial import AdversarialOptions, AdversarialTerm
@@ -47,6 +48,7 @@ class ProgressiveConfig(AdversarialOptions, LoopConfig):
     target: Literal["auto", "x", "eps", "v"] = "auto"  # regression space (Salimans & Ho, sec. 4); auto: the network's own output
     loss_weighting: Literal["none", "truncated_snr", "snr_plus_one"] = "none"  # extra SNR weight on that error
     ema_decay: float = 0.99  # EMA of the student; the EMA is exported and becomes the next round's teacher (0: off)
+    lr_per_round: bool = False  # restart the warm-up and decay the rate linearly to 0 within every phase (replaces lr_scheduler)
     adversarial_weight: float = 0.0  # > 0: add LADD's discriminator loss on the student's x0 in the halving rounds (real side: the dataset; gan_loss, disc_* options)
     gradient_checkpointing: bool = False  # trade compute for memory on big teachers
     enable_xformers_memory_efficient_attention: bool = False  # GPU only
@@ -69,6 +71,10 @@ class ProgressiveConfig(AdversarialOptions, LoopConfig):
                               f"{self.guidance_distillation_steps}: need >= 1 and >= 0")
         if self.w_min > self.w_max or self.w_min < 0:
             raise ConfigError(f"w_min={self.w_min}, w_max={self.w_max}: need 0 <= w_min <= w_max")
+        shortest = min(n for n in (self.iterations_per_round, self.guidance_distillation_steps) if n)
+        if self.lr_per_round and self.lr_warmup_steps >= shortest:
+            raise ConfigError(f"lr_warmup_steps={self.lr_warmup_steps} with lr_per_round needs to be shorter than every "
+                              f"phase (the shortest has {shortest} steps)")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ema_decay={self.ema_decay} is out of range; allowed 0 <= ema_decay < 1")
         total = self.guidance_distillation_steps + self.num_rounds * self.iterations_per_round
@@ -168,6 +174,24 @@ class ProgressiveMethod(LatentMethodBase):
     def prepare_extra(self, accelerator: Accelerator, out: Path) -> None:
         if self.adversarial is not None:
             self.adversarial.prepare(accelerator)
+
+    def make_lr_scheduler(self, optimizer: torch.optim.Optimizer, num_processes: int) -> LambdaLR | None:
+        """With ``lr_per_round``: warm-up, then a linear decay to 0, inside every phase. A constant rate leaves
+        each round's student wherever the last noisy updates put it; decaying lets it settle before it becomes
+        the next round's teacher. The shared loop steps the scheduler ``num_processes`` times per step."""
+        if not self.cfg.lr_per_round:
+            return None
+        warmup = self.cfg.lr_warmup_steps
+
+        def factor(scheduler_step: int) -> float:
+            step = scheduler_step // num_processes
+            phase = self.phase_at(step)
+            local, length = step - phase.first_step, phase.end_step - phase.first_step
+            if local < warmup:
+                return local / warmup
+            return max(0.0, (length - local) / max(1, length - warmup))
+
+        return LambdaLR(optimizer, factor)
 
     # --- schedule ----------------------------------------------------------------------------------------
     def phase_at(self, step: int) -> Phase:

@@ -157,8 +157,11 @@ def _run_training(method: TrainingMethod, cfg: LoopConfig, tracker_config: dict[
     speed_up_networks(networks, cfg.torch_compile, cfg.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg, params)
-    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=cfg.max_train_steps * accelerator.num_processes)
+    own_scheduler = getattr(method, "make_lr_scheduler", None)  # optional: a trainer-specific learning-rate plan
+    lr_scheduler = own_scheduler(optimizer, accelerator.num_processes) if own_scheduler is not None else None
+    if lr_scheduler is None:
+        lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
+                                     num_training_steps=cfg.max_train_steps * accelerator.num_processes)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     prepare_extra = getattr(method, "prepare_extra", None)  # optional: e.g. a discriminator and its optimizer
     if prepare_extra is not None:
