@@ -1,0 +1,30 @@
+"""The shipped trainer configs parse with their trainer's options and describe the run the README says."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from stepdistill.config import load_config
+from stepdistill.methods.ladd import LADDConfig
+from stepdistill.methods.lcm import LCMConfig
+from stepdistill.methods.progressive import ProgressiveConfig, plan_phases
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TRAINER_CONFIGS = {"lcm_": LCMConfig, "progressive_": ProgressiveConfig, "ladd_": LADDConfig}
+
+
+@pytest.mark.parametrize("path", sorted(p for p in CONFIGS.glob("*.yaml") if p.name.startswith(tuple(TRAINER_CONFIGS))),
+                         ids=lambda p: p.name)
+def test_shipped_trainer_configs_parse(path):
+    cls = next(c for prefix, c in TRAINER_CONFIGS.items() if path.name.startswith(prefix))
+    cfg = load_config(cls, path)
+    assert cfg.pretrained_teacher_model == "tiny-sd" and cfg.max_train_steps > 0
+
+
+def test_best_progressive_recipe_plans_guidance_then_two_rounds():
+    cfg = load_config(ProgressiveConfig, CONFIGS / "progressive_tiny_sd_gd.yaml")
+    phases = plan_phases(cfg)
+    assert [(p.kind, p.student_steps, p.first_step, p.end_step) for p in phases] == [
+        ("guidance", 16, 0, 600), ("halving", 8, 600, 1600), ("halving", 4, 1600, 2600)]
+    assert cfg.lr_per_round and cfg.max_train_steps == 2600
