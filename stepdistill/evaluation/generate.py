@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +10,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from stepdistill.errors import ConfigError, ModelError
+from stepdistill.evaluation.sampling_parts import median_ms
 from stepdistill.sampling import initial_noise
 from stepdistill.teacher import TeacherWrapper, load_teacher
 
@@ -63,13 +62,7 @@ class Generator:
         if noise.shape[0] < batch_size:
             raise ConfigError(f"batch_size={batch_size} needs {batch_size} initial latents, got {noise.shape[0]}")
         prompts, latents = [prompt] * batch_size, noise[:batch_size]
-        self.images(prompts, steps, latents, batch_size)  # warm-up
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            self.images(prompts, steps, latents, batch_size)
-            times.append(time.perf_counter() - start)
-        return 1000 * statistics.median(times) / batch_size
+        return median_ms(lambda: self.images(prompts, steps, latents, batch_size), repeats) / batch_size
 
 
 def load_student(spec: str, teacher_path: Path, call_kwargs: dict) -> Generator:

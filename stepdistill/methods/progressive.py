@@ -71,7 +71,7 @@ class ProgressiveConfig(AdversarialOptions, LoopConfig):
                               f"{self.guidance_distillation_steps}: need >= 1 and >= 0")
         if self.w_min > self.w_max or self.w_min < 0:
             raise ConfigError(f"w_min={self.w_min}, w_max={self.w_max}: need 0 <= w_min <= w_max")
-        shortest = min(n for n in (self.iterations_per_round, self.guidance_distillation_steps) if n)
+        shortest = min(self.iterations_per_round, self.guidance_distillation_steps or self.iterations_per_round)
         if self.lr_per_round and self.lr_warmup_steps >= shortest:
             raise ConfigError(f"lr_warmup_steps={self.lr_warmup_steps} with lr_per_round needs to be shorter than every "
                               f"phase (the shortest has {shortest} steps)")
