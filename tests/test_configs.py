@@ -27,4 +27,4 @@ def test_best_progressive_recipe_plans_guidance_then_two_rounds():
     phases = plan_phases(cfg)
     assert [(p.kind, p.student_steps, p.first_step, p.end_step) for p in phases] == [
         ("guidance", 16, 0, 600), ("halving", 8, 600, 1600), ("halving", 4, 1600, 2600)]
-    assert cfg.lr_per_round and cfg.max_train_steps == 2600
+    assert cfg.lr_per_round and cfg.teacher_precision == "bf16" and cfg.max_train_steps == 2600

@@ -1,9 +1,11 @@
 """Pieces every distillation method shares: cached latents and prompts, LoRA students, validation grids."""
 from __future__ import annotations
 
+import contextlib
 import copy
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from accelerate import Accelerator
@@ -19,6 +21,22 @@ UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", 
                      "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
 DIT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
                     "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
+
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class FrozenPassOptions:
+    """Precision of the passes through frozen networks (teacher, target), which need no gradients."""
+
+    teacher_precision: Literal["same", "bf16", "fp16"] = "same"  # autocast dtype of the no-grad teacher and target passes (same: the step's --mixed_precision); diffusers' LCM scripts run them under torch.autocast, which is bf16 on a CPU
+
+    def frozen_autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """Autocast for one frozen pass on ``device`` (a no-op for ``same``); callers convert outputs to float32."""
+        if self.teacher_precision == "same":
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[self.teacher_precision])
 
 
 class LatentPromptData:

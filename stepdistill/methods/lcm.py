@@ -19,7 +19,8 @@ from diffusers import LatentConsistencyModelPipeline, LCMScheduler
 
 from stepdistill.errors import ConfigError
 from stepdistill.methods.adversarial import AdversarialOptions, AdversarialTerm
-from stepdistill.methods.common import LatentMethodBase, LatentPromptData, adapters_disabled, build_student, write_validation
+from stepdistill.methods.common import (FrozenPassOptions, LatentMethodBase, LatentPromptData, adapters_disabled, build_student,
+                                       write_validation)
 from stepdistill.methods.export import write_lora, write_model_card
 from stepdistill.methods.target_adapter import AdapterEMA
 from stepdistill.solvers import (consistency_output, ddim_step, guidance_scale_embedding, lcm_inference_timesteps,
@@ -32,7 +33,7 @@ from stepdistill.training.timing import timed
 
 
 @dataclass
-class LCMConfig(AdversarialOptions, LoopConfig):
+class LCMConfig(FrozenPassOptions, AdversarialOptions, LoopConfig):
     """LCM / LCM-LoRA options; names follow diffusers' LCM distillation examples where they mean the same."""
 
     pretrained_teacher_model: str = "tiny-sd"  # shipped teacher name or diffusers pipeline folder
@@ -242,7 +243,7 @@ class LCMMethod(LatentMethodBase):
         """One guided teacher DDIM (flow: Euler) step from t to t_prev; the teacher is the frozen network, or
         the LoRA network with its adapter disabled."""
         net = self.side_net if self.side_net is not None else self.teacher.model
-        with adapters_disabled(net, self.cfg.use_lora):
+        with adapters_disabled(net, self.cfg.use_lora), self.cfg.frozen_autocast(x_t.device):
             # on the side thread the two guidance passes run one after the other: as fast there, less memory at once
             teacher_pred = self.teacher.with_model(net).predict(x_t, t, embeds, guidance_scale=w + 1,
                                                                 batched_guidance=self.side is None)
@@ -251,7 +252,8 @@ class LCMMethod(LatentMethodBase):
     def _target_output(self, x_prev: torch.Tensor, t_prev: torch.Tensor, embeds: PromptEmbeds,
                        extra: dict[str, torch.Tensor]) -> torch.Tensor:
         """The target network's consistency output at t_prev."""
-        target_pred = self.teacher.with_model(self.target_model()).predict(x_prev, t_prev, embeds, **extra)
+        with self.cfg.frozen_autocast(x_prev.device):
+            target_pred = self.teacher.with_model(self.target_model()).predict(x_prev, t_prev, embeds, **extra)
         return consistency_output(x_prev, target_pred, t_prev, self.cfg.timestep_scaling_factor)
 
     def target_model(self) -> torch.nn.Module:

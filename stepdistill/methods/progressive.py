@@ -22,7 +22,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from stepdistill.errors import ConfigError
 from stepdistill.methods.adversarial import AdversarialOptions, AdversarialTerm
-from stepdistill.methods.common import LatentMethodBase, LatentPromptData, full_student, write_validation
+from stepdistill.methods.common import FrozenPassOptions, LatentMethodBase, LatentPromptData, full_student, write_validation
 from stepdistill.methods.export import STUDENT_META, replace_folder, write_model_card
 from stepdistill.solvers import ddim_step, guidance_scale_embedding, halving_pairs, sample_ddim
 from stepdistill.teacher import Prediction, TeacherWrapper
@@ -32,7 +32,7 @@ from stepdistill.training.timing import timed
 
 
 @dataclass
-class ProgressiveConfig(AdversarialOptions, LoopConfig):
+class ProgressiveConfig(FrozenPassOptions, AdversarialOptions, LoopConfig):
     """Progressive distillation options; shared-loop options (learning rate, checkpoints, ...) as in LoopConfig."""
 
     pretrained_teacher_model: str = "tiny-sd"  # shipped teacher name or diffusers pipeline folder
@@ -240,9 +240,10 @@ class ProgressiveMethod(LatentMethodBase):
 
     def _teacher_predict(self, phase: Phase, x: torch.Tensor, t: torch.Tensor, embeds, w: torch.Tensor) -> Prediction:
         """Round 0 (or the guidance stage) asks the original guided teacher; later rounds the former student."""
-        if self._teacher_is_original(phase):
-            return self.teacher.predict(x, t, embeds, guidance_scale=w + 1)
-        return self.teacher.with_model(self.round_teacher).predict(x, t, embeds, **self._w_kwargs(w))
+        with self.cfg.frozen_autocast(x.device):
+            if self._teacher_is_original(phase):
+                return self.teacher.predict(x, t, embeds, guidance_scale=w + 1)
+            return self.teacher.with_model(self.round_teacher).predict(x, t, embeds, **self._w_kwargs(w))
 
     def _teacher_step(self, phase: Phase, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, embeds, w) -> torch.Tensor:
         alpha_next, sigma_next = (v.to(x.device) for v in self.teacher.schedule.alpha_sigma(t_next))

@@ -1,0 +1,87 @@
+"""--teacher_precision: the frozen (no-grad) teacher and target passes run under autocast, the student's
+training pass keeps the step's own precision, on the main thread and on LCM's side thread alike."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from method_runs import FAST_RUN, small_data
+from stepdistill.config import parse_cli
+from stepdistill.errors import ConfigError
+from stepdistill.methods.common import LatentPromptData
+from stepdistill.methods.lcm import LCMConfig, LCMMethod
+from stepdistill.methods.progressive import ProgressiveConfig, ProgressiveMethod
+from stepdistill.teacher import load_teacher
+from stepdistill.training.loop import run_training
+from stepdistill.training.step_random import StepRandom
+
+
+def build(config_cls: type, method_cls: type, teacher_dir: Path, out: Path, **options):
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    base = {k: v for k, v in FAST_RUN.items() if k in fields}
+    cfg = config_cls(**{**base, "pretrained_teacher_model": str(teacher_dir), "output_dir": str(out), **options})
+    cfg.validate()
+    teacher = load_teacher(teacher_dir, max_sequence_length=8)
+    return cfg, method_cls(cfg, teacher, LatentPromptData(teacher, small_data()))
+
+
+def record_pass_precision(method) -> set[tuple[bool, torch.dtype | None]]:
+    """Hooks on every network the method runs: one (grad enabled, autocast dtype or None) entry per kind of pass."""
+    seen: set[tuple[bool, torch.dtype | None]] = set()
+
+    def hook(_module, _args):
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        seen.add((torch.is_grad_enabled(), dtype))
+
+    for net in method.networks():
+        net.register_forward_pre_hook(hook)
+    return seen
+
+
+CASES = {
+    "lcm-lora-sequential": (LCMConfig, LCMMethod, dict(overlap_teacher=False)),
+    "lcm-lora-side-thread": (LCMConfig, LCMMethod, dict(overlap_teacher=True, num_threads=2)),
+    "lcm-full-side-thread": (LCMConfig, LCMMethod, dict(use_lora=False, overlap_teacher=True, num_threads=2)),
+    "progressive-all-phases": (ProgressiveConfig, ProgressiveMethod,
+                               dict(start_steps=4, end_steps=1, guidance_distillation_steps=2, iterations_per_round=2,
+                                    max_train_steps=0, w_min=2.0, w_max=2.0)),
+}
+
+
+@pytest.mark.parametrize("precision", ["same", "bf16"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_frozen_passes_run_in_the_asked_precision_and_the_student_in_its_own(random_teachers, tmp_path, case, precision):
+    config_cls, method_cls, options = CASES[case]
+    threads = torch.get_num_threads()
+    try:
+        cfg, method = build(config_cls, method_cls, random_teachers / "sd", tmp_path / "run", teacher_precision=precision,
+                            **options)
+        seen = record_pass_precision(method)
+        run_training(method, cfg)
+    finally:
+        torch.set_num_threads(threads)
+    frozen = None if precision == "same" else torch.bfloat16
+    assert seen == {(True, None), (False, frozen)}
+
+
+def test_bf16_teacher_moves_the_lcm_loss_by_rounding_only(random_teachers, tmp_path):
+    """Same draws, teacher and target in fp32 and in bf16: the loss changes (autocast really took effect)
+    but only by bf16 rounding."""
+    _, method = build(LCMConfig, LCMMethod, random_teachers / "sd", tmp_path / "run", overlap_teacher=False,
+                      loss_type="l2", train_batch_size=8)
+    batch = method.make_batch(list(range(8)), torch.device("cpu"))
+    losses = {}
+    for precision in ("same", "bf16"):
+        method.cfg.teacher_precision = precision
+        rand = StepRandom(0, 0, 0, 1, 8, torch.device("cpu"))
+        losses[precision] = method.compute_loss(method.student_net, batch, rand)[0].item()
+    assert losses["same"] != losses["bf16"]
+    assert abs(losses["bf16"] - losses["same"]) < 0.05 * losses["same"]
+
+
+def test_unknown_teacher_precision_is_refused():
+    with pytest.raises(ConfigError, match="teacher_precision.*fp8"):
+        parse_cli(LCMConfig, ["--teacher_precision", "fp8"])
