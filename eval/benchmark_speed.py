@@ -175,8 +175,10 @@ def compatible_reference(script: Path, work: Path) -> Path:
 
 
 def compare_with_reference(script: Path, work: Path, teacher: str, batch: int, warmup: int, steps: int,
-                           extra: list[str] | None = None) -> dict:
-    """Same LCM-LoRA work through diffusers' reference script and through train_lcm.py."""
+                           extra: list[str] | None = None, pairs: int = 1) -> dict:
+    """Same LCM-LoRA work through diffusers' reference script and through train_lcm.py, ``pairs`` times back to
+    back (reference, then ours); the medians of the pairs."""
+    from stepdistill.evaluation.speed_report import summarise_reference_pairs
     from stepdistill.testbed import resolve_teacher_path
 
     teacher_dir = str(resolve_teacher_path(teacher))
@@ -193,13 +195,17 @@ def compare_with_reference(script: Path, work: Path, teacher: str, batch: int, w
                  "--dataloader_num_workers", "1", "--validation_steps", "100000"]
     ours = [sys.executable, str(ROOT / "train_scripts" / "train_lcm.py"), *shared, "--output_dir", str(work / "ours"),
             "--validation_steps", "0", "--use_target_network", "false", "--overwrite_output_dir", *(extra or [])]
-    results = {}
-    for name, cmd in (("reference", reference), ("stepdistill", ours)):
-        log, peak = run_timed(cmd, env)
-        seconds = tqdm_seconds_per_step(log, warmup)
-        results[name] = {"s_per_step": seconds, "images_per_s": batch / seconds, "peak_rss_mib": peak}
-    results["speedup"] = results["stepdistill"]["images_per_s"] / results["reference"]["images_per_s"]
-    return results
+    results = []
+    for index in range(pairs):
+        pair = {}
+        for name, cmd in (("reference", reference), ("stepdistill", ours)):
+            log, peak = run_timed(cmd, env)
+            seconds = tqdm_seconds_per_step(log, warmup)
+            pair[name] = {"s_per_step": seconds, "images_per_s": batch / seconds, "peak_rss_mib": peak}
+        print(f"pair {index + 1}/{pairs}: reference {pair['reference']['images_per_s']:.1f} img/s, "
+              f"stepdistill {pair['stepdistill']['images_per_s']:.1f} img/s", flush=True)
+        results.append(pair)
+    return summarise_reference_pairs(results)
 
 
 def int_list(text: str, option: str) -> list[int]:
@@ -227,6 +233,8 @@ def main() -> None:
                         help="images per pipeline call for the sampling part, e.g. 1,16 (latency is per image)")
     parser.add_argument("--sampling_repeats", type=int, default=5, help="timed calls per sampling row (median)")
     parser.add_argument("--reference_script", help="diffusers' train_lcm_distill_lora_sd_wds.py (reference part)")
+    parser.add_argument("--reference_pairs", type=int, default=1,
+                        help="reference part: back-to-back pairs of runs (reference, then ours); medians are reported")
     parser.add_argument("--output_dir", default="runs/bench_speed")
     parser.add_argument("--trainer_args", default="", help="extra options for our trainers, e.g. '--torch_compile true' "
                         "(raise --warmup_steps past the compile)")
@@ -243,6 +251,8 @@ def main() -> None:
         sys.exit(f"error: --parts {args.parts!r} may only name training, sampling and reference")
     sampling_steps = int_list(args.sampling_steps, "--sampling_steps")
     batch_sizes = int_list(args.sampling_batch_sizes, "--sampling_batch_sizes")
+    if args.reference_pairs < 1:
+        sys.exit(f"error: --reference_pairs {str(args.reference_pairs)!r} must be a positive integer")
     if "reference" in parts and not (args.reference_script and Path(args.reference_script).is_file()):
         sys.exit(f"error: --reference_script {args.reference_script!r} is not a file; give diffusers' "
                  "examples/consistency_distillation/train_lcm_distill_lora_sd_wds.py")
@@ -277,9 +287,10 @@ def main() -> None:
     if "reference" in parts:
         report["reference"] = compare_with_reference(Path(args.reference_script), out / "reference_run", args.teacher,
                                                      args.train_batch_size, args.warmup_steps, args.measure_steps,
-                                                     shlex.split(args.trainer_args))
+                                                     shlex.split(args.trainer_args), args.reference_pairs)
         ref, ours = report["reference"]["reference"], report["reference"]["stepdistill"]
-        print(f"LCM-LoRA, batch {args.train_batch_size}: reference {ref['images_per_s']:.1f} img/s, {ref['peak_rss_mib']:.0f} MiB; "
+        label = f" (median of {args.reference_pairs} pairs)" if args.reference_pairs > 1 else ""
+        print(f"LCM-LoRA, batch {args.train_batch_size}{label}: reference {ref['images_per_s']:.1f} img/s, {ref['peak_rss_mib']:.0f} MiB; "
               f"stepdistill {ours['images_per_s']:.1f} img/s, {ours['peak_rss_mib']:.0f} MiB; "
               f"speed-up {report['reference']['speedup']:.2f}x", flush=True)
     (out / "bench_speed.json").write_text(json.dumps(report, indent=2))

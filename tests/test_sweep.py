@@ -95,6 +95,7 @@ def test_latency_is_per_image_of_a_batched_call():
     ("--sampling_batch_sizes", "0,16", "must be a comma list of positive integers, e.g. 1,16"),
     ("--sampling_steps", "4,x", "must be a comma list of positive integers, e.g. 1,16"),
     ("--parts", "sampling,speed", "may only name training, sampling and reference"),
+    ("--reference_pairs", "0", "must be a positive integer"),
 ])
 def test_benchmark_refuses_bad_parts_steps_or_batch_lists(tmp_path, option, value, message):
     import subprocess
@@ -135,6 +136,25 @@ def test_speed_report_tables_and_plot(tmp_path):
     assert Image.open(tmp_path / "one.png").size[0] < plot.size[0]
     with pytest.raises(ValueError, match="no measured part"):
         write_speed_plot({}, tmp_path / "none.png")
+
+
+def test_reference_pairs_report_medians_of_in_pair_ratios():
+    """The speed-up is the median of each pair's own ratio: a slow reference run in one pair (the machine
+    drifting) does not decide it, and the ratio of the two medians is not what is reported."""
+    from stepdistill.evaluation.speed_report import speed_markdown, summarise_reference_pairs
+
+    def pair(ref: float, ours: float) -> dict:
+        return {"reference": {"images_per_s": ref, "s_per_step": 32 / ref, "peak_rss_mib": 1300.0},
+                "stepdistill": {"images_per_s": ours, "s_per_step": 32 / ours, "peak_rss_mib": 1340.0}}
+
+    summary = summarise_reference_pairs([pair(80.0, 96.0), pair(60.0, 99.0), pair(76.0, 95.0)])
+    assert summary["speedup"] == pytest.approx(95.0 / 76.0)  # ratios 1.20, 1.65, 1.25: median 1.25
+    assert summary["reference"]["images_per_s"] == 76.0 and summary["stepdistill"]["images_per_s"] == 96.0
+    assert summary["stepdistill"]["peak_rss_mib"] == 1340.0 and len(summary["pairs"]) == 3
+    text = speed_markdown({"reference": summary})
+    assert "median of 3 pairs" in text and "| 2 | 60.0, 1300 | 99.0, 1340 | 1.65x |" in text and "speed-up: 1.25x" in text
+    with pytest.raises(ValueError, match="no reference pair"):
+        summarise_reference_pairs([])
 
 
 def test_sampling_parts_time_the_right_calls(sd_pipe, monkeypatch):
