@@ -7,7 +7,8 @@ and LCM-LoRA against diffusers' reference script on the same teacher, batch and 
 Each training measurement runs in its own process (so peak memory is its own): ``--measure_steps`` steps
 are timed after ``--warmup_steps``. The reference comparison times both scripts the same way, from their tqdm
 progress (elapsed time between the warm-up step and the last step), with the same batch, LoRA rank, solver
-grid, loss and guidance range; its peak memory is each main process's max RSS. The one change made to a copy
+grid, loss and guidance range; its peak memory is each main process's max RSS and, since the reference
+decodes images in a data-loader worker process, the peak PSS of each whole process tree. The one change made to a copy
 of the reference script is the length of its unconditional prompt (hard-coded 77 tokens; the testbed's text
 encoder takes 32). The reference script is not
 shipped: take ``examples/consistency_distillation/train_lcm_distill_lora_sd_wds.py`` from the diffusers
@@ -150,15 +151,19 @@ def tqdm_seconds_per_step(log: str, warmup: int) -> float:
     return (seen[last] - seen[warmup]) / (last - warmup)
 
 
-def run_timed(cmd: list[str], env: dict[str, str]) -> tuple[str, float]:
-    """Run ``cmd``; return its stderr and the main process's peak RSS in MiB."""
+def run_timed(cmd: list[str], env: dict[str, str]) -> tuple[str, float, float | None]:
+    """Run ``cmd``; return its stderr, the main process's peak RSS and the peak PSS of its whole process tree
+    (data-loader workers included; None where /proc does not tell), both in MiB."""
+    from stepdistill.evaluation.process_memory import PeakTreeMemory, available
+
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    err = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
+    with PeakTreeMemory(proc.pid) as tree:
+        err = proc.stderr.read()
+        _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:2])} failed ({proc.returncode}): {err[-3000:]}")
-    return err, usage.ru_maxrss / 1024
+    return err, usage.ru_maxrss / 1024, tree.peak if available() else None
 
 
 def compatible_reference(script: Path, work: Path) -> Path:
@@ -199,13 +204,20 @@ def compare_with_reference(script: Path, work: Path, teacher: str, batch: int, w
     for index in range(pairs):
         pair = {}
         for name, cmd in (("reference", reference), ("stepdistill", ours)):
-            log, peak = run_timed(cmd, env)
+            log, peak, tree_peak = run_timed(cmd, env)
             seconds = tqdm_seconds_per_step(log, warmup)
-            pair[name] = {"s_per_step": seconds, "images_per_s": batch / seconds, "peak_rss_mib": peak}
+            pair[name] = {"s_per_step": seconds, "images_per_s": batch / seconds, "peak_rss_mib": peak,
+                          "peak_tree_pss_mib": tree_peak}
         print(f"pair {index + 1}/{pairs}: reference {pair['reference']['images_per_s']:.1f} img/s, "
               f"stepdistill {pair['stepdistill']['images_per_s']:.1f} img/s", flush=True)
         results.append(pair)
     return summarise_reference_pairs(results)
+
+
+def memory_text(run: dict) -> str:
+    """'1300 MiB RSS (main process), 1420 MiB PSS (process tree)' for the console."""
+    text = f"{run['peak_rss_mib']:.0f} MiB RSS (main process)"
+    return text + (f", {run['peak_tree_pss_mib']:.0f} MiB PSS (process tree)" if run.get("peak_tree_pss_mib") else "")
 
 
 def int_list(text: str, option: str) -> list[int]:
@@ -290,8 +302,8 @@ def main() -> None:
                                                      shlex.split(args.trainer_args), args.reference_pairs)
         ref, ours = report["reference"]["reference"], report["reference"]["stepdistill"]
         label = f" (median of {args.reference_pairs} pairs)" if args.reference_pairs > 1 else ""
-        print(f"LCM-LoRA, batch {args.train_batch_size}{label}: reference {ref['images_per_s']:.1f} img/s, {ref['peak_rss_mib']:.0f} MiB; "
-              f"stepdistill {ours['images_per_s']:.1f} img/s, {ours['peak_rss_mib']:.0f} MiB; "
+        print(f"LCM-LoRA, batch {args.train_batch_size}{label}: reference {ref['images_per_s']:.1f} img/s, {memory_text(ref)}; "
+              f"stepdistill {ours['images_per_s']:.1f} img/s, {memory_text(ours)}; "
               f"speed-up {report['reference']['speedup']:.2f}x", flush=True)
     (out / "bench_speed.json").write_text(json.dumps(report, indent=2))
     from stepdistill.evaluation.speed_report import speed_markdown, write_speed_plot

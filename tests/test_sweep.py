@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -144,17 +145,37 @@ def test_reference_pairs_report_medians_of_in_pair_ratios():
     from stepdistill.evaluation.speed_report import speed_markdown, summarise_reference_pairs
 
     def pair(ref: float, ours: float) -> dict:
-        return {"reference": {"images_per_s": ref, "s_per_step": 32 / ref, "peak_rss_mib": 1300.0},
-                "stepdistill": {"images_per_s": ours, "s_per_step": 32 / ours, "peak_rss_mib": 1340.0}}
+        return {"reference": {"images_per_s": ref, "s_per_step": 32 / ref, "peak_rss_mib": 1300.0, "peak_tree_pss_mib": 1450.0},
+                "stepdistill": {"images_per_s": ours, "s_per_step": 32 / ours, "peak_rss_mib": 1340.0, "peak_tree_pss_mib": 1345.0}}
 
     summary = summarise_reference_pairs([pair(80.0, 96.0), pair(60.0, 99.0), pair(76.0, 95.0)])
     assert summary["speedup"] == pytest.approx(95.0 / 76.0)  # ratios 1.20, 1.65, 1.25: median 1.25
     assert summary["reference"]["images_per_s"] == 76.0 and summary["stepdistill"]["images_per_s"] == 96.0
     assert summary["stepdistill"]["peak_rss_mib"] == 1340.0 and len(summary["pairs"]) == 3
     text = speed_markdown({"reference": summary})
-    assert "median of 3 pairs" in text and "| 2 | 60.0, 1300 | 99.0, 1340 | 1.65x |" in text and "speed-up: 1.25x" in text
+    assert summary["reference"]["peak_tree_pss_mib"] == 1450.0
+    assert "median of 3 pairs" in text and "| 2 | 60.0, 1300, 1450 | 99.0, 1340, 1345 | 1.65x |" in text
+    assert "| reference | 76.0 | 1300 | 1450 |" in text and "speed-up: 1.25x" in text
     with pytest.raises(ValueError, match="no reference pair"):
         summarise_reference_pairs([])
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists(), reason="needs Linux /proc")
+def test_tree_memory_sees_a_worker_process_that_max_rss_misses():
+    """A script holding 200 MiB whose worker process holds 300 MiB at the same time: a max RSS sees at most one
+    of them (about 310 MiB), the peak PSS of the process tree sees both."""
+    import subprocess
+    import sys
+
+    from stepdistill.evaluation.process_memory import PeakTreeMemory
+
+    touch = "{0} = bytearray({1} * 2**20); {0}[::4096] = b'x' * len({0}[::4096])"
+    worker = f"import time; {touch.format('b', 300)}; time.sleep(2)"
+    main = f"import subprocess, sys; {touch.format('a', 200)}; subprocess.run([sys.executable, '-c', {worker!r}], check=True)"
+    proc = subprocess.Popen([sys.executable, "-c", main])
+    with PeakTreeMemory(proc.pid, interval=0.05) as tree:
+        assert proc.wait() == 0
+    assert tree.peak > 480
 
 
 def test_sampling_parts_time_the_right_calls(sd_pipe, monkeypatch):

@@ -15,8 +15,9 @@ def summarise_reference_pairs(pairs: list[dict[str, Any]]) -> dict[str, Any]:
         raise ValueError("no reference pair was measured")
     summary: dict[str, Any] = {}
     for name in ("reference", "stepdistill"):
-        summary[name] = {key: statistics.median(pair[name][key] for pair in pairs)
-                         for key in ("images_per_s", "s_per_step", "peak_rss_mib")}
+        keys = [key for key in ("images_per_s", "s_per_step", "peak_rss_mib", "peak_tree_pss_mib")
+                if all(pair[name].get(key) is not None for pair in pairs)]
+        summary[name] = {key: statistics.median(pair[name][key] for pair in pairs) for key in keys}
     summary["speedup"] = statistics.median(pair["stepdistill"]["images_per_s"] / pair["reference"]["images_per_s"]
                                            for pair in pairs)
     summary["pairs"] = pairs
@@ -56,18 +57,26 @@ def speed_markdown(report: dict[str, Any]) -> str:
         ref = report["reference"]
         pairs = ref.get("pairs", [])
         label = f"median of {len(pairs)} pairs" if len(pairs) > 1 else "one pair"
-        lines = [f"| LCM-LoRA script ({label}) | images/s | peak RSS (MiB) |", "|---|---|---|"]
+        lines = [f"| LCM-LoRA script ({label}) | images/s | peak RSS, main process (MiB) | peak PSS, process tree (MiB) |",
+                 "|---|---|---|---|"]
         for name in ("reference", "stepdistill"):
-            lines.append(f"| {name} | {ref[name]['images_per_s']:.1f} | {ref[name]['peak_rss_mib']:.0f} |")
+            lines.append(f"| {name} | {ref[name]['images_per_s']:.1f} | {ref[name]['peak_rss_mib']:.0f} | "
+                         f"{_mib(ref[name].get('peak_tree_pss_mib'))} |")
         lines.append(f"\nspeed-up: {ref['speedup']:.2f}x")
         if len(pairs) > 1:
-            lines += ["", "| pair | reference images/s, MiB | stepdistill images/s, MiB | speed-up |", "|---|---|---|---|"]
+            lines += ["", "| pair | reference images/s, RSS, tree PSS (MiB) | stepdistill images/s, RSS, tree PSS (MiB) | speed-up |",
+                      "|---|---|---|---|"]
             for i, pair in enumerate(pairs, 1):
                 a, b = pair["reference"], pair["stepdistill"]
-                lines.append(f"| {i} | {a['images_per_s']:.1f}, {a['peak_rss_mib']:.0f} | {b['images_per_s']:.1f}, "
-                             f"{b['peak_rss_mib']:.0f} | {b['images_per_s'] / a['images_per_s']:.2f}x |")
+                lines.append(f"| {i} | {a['images_per_s']:.1f}, {a['peak_rss_mib']:.0f}, {_mib(a.get('peak_tree_pss_mib'))} | "
+                             f"{b['images_per_s']:.1f}, {b['peak_rss_mib']:.0f}, {_mib(b.get('peak_tree_pss_mib'))} | "
+                             f"{b['images_per_s'] / a['images_per_s']:.2f}x |")
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"
+
+
+def _mib(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f}"
 
 
 def write_speed_plot(report: dict[str, Any], path: Path) -> None:
@@ -103,7 +112,9 @@ def write_speed_plot(report: dict[str, Any], path: Path) -> None:
             ref = report["reference"]
             names = ["reference", "stepdistill"]
             bars = ax.bar(names, [ref[n]["images_per_s"] for n in names], color=["tab:gray", "tab:blue"])
-            ax.bar_label(bars, labels=[f"{ref[n]['peak_rss_mib']:.0f} MiB" for n in names], fontsize=8)
+            ax.bar_label(bars, labels=[f"RSS {ref[n]['peak_rss_mib']:.0f} MiB" + (
+                f"\ntree PSS {ref[n]['peak_tree_pss_mib']:.0f} MiB" if ref[n].get("peak_tree_pss_mib") else "")
+                for n in names], fontsize=8)
             ax.set_ylabel("LCM-LoRA training images/s")
             ax.set_title(f"against diffusers' script: {ref['speedup']:.2f}x")
         ax.grid(axis="y", alpha=0.3)
