@@ -194,6 +194,7 @@ def test_guidance_distillation_moves_the_student_toward_the_guided_teacher(tmp_p
     (dict(adversarial_weight=-0.1), "adversarial_weight=-0.1 must be 0"),
     (dict(disc_learning_rate=0.0), "disc_learning_rate=0.0 must be positive"),
     (dict(lr_per_round=True, iterations_per_round=10, lr_warmup_steps=10), "lr_warmup_steps=10 with lr_per_round"),
+    (dict(synthetic_steps=0), "synthetic_steps=0 must be at least 1"),
 ])
 def test_bad_progressive_options(overrides, match):
     with pytest.raises(ConfigError, match=match):
@@ -274,3 +275,25 @@ def test_adversarial_term_joins_the_halving_rounds_and_resumes_exactly(random_te
     assert not all(torch.equal(a[k], plain[k]) for k in a)  # the term changed the student
     heads_a, heads_b = (load_file(tmp_path / run / "checkpoint-8" / "model_1.safetensors") for run in ("a", "b"))
     assert heads_a.keys() == heads_b.keys() and all(torch.equal(heads_a[k], heads_b[k]) for k in heads_a)
+
+
+def test_training_on_the_teachers_own_samples(random_teachers, tmp_path):
+    """--train_latents teacher: the x0 that the steps noise are the teacher's guided samples of the captions
+    (made once, cached with their settings), while the dataset latents stay in the batch for the adversarial
+    term's real side."""
+    from safetensors.torch import load_file
+
+    from stepdistill.methods.synthetic import generate_teacher_latents
+    from stepdistill.training.step_random import StepRandom
+
+    method = train(random_teachers / "sd", tmp_path / "run", train_latents="teacher", synthetic_steps=2)
+    cached = load_file(tmp_path / "run" / "teacher_latents.safetensors")["latents"]
+    expected, _ = generate_teacher_latents(method.teacher, method.data.captions, 2, method.cfg.w_min + 1, method.cfg.seed,
+                                           show_progress=False)
+    torch.testing.assert_close(cached, expected)
+    batch = method.make_batch([0, 3], torch.device("cpu"))
+    assert torch.equal(batch["train_latents"], cached[[0, 3]]) and not torch.allclose(batch["latents"], cached[[0, 3]])
+    on_dataset = {**batch, "train_latents": batch["latents"]}
+    losses = [method.compute_loss(method.student_net, b, StepRandom(0, 0, 0, 1, 2, torch.device("cpu")))[0].item()
+              for b in (batch, on_dataset)]
+    assert losses[0] != losses[1]

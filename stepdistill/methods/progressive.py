@@ -24,6 +24,7 @@ from stepdistill.errors import ConfigError
 from stepdistill.methods.adversarial import AdversarialOptions, AdversarialTerm
 from stepdistill.methods.common import FrozenPassOptions, LatentMethodBase, LatentPromptData, full_student, write_validation
 from stepdistill.methods.export import STUDENT_META, replace_folder, write_model_card
+from stepdistill.methods.synthetic import cached_teacher_latents
 from stepdistill.solvers import ddim_step, guidance_scale_embedding, halving_pairs, sample_ddim
 from stepdistill.teacher import Prediction, TeacherWrapper
 from stepdistill.training.loop import LoopConfig
@@ -49,6 +50,8 @@ class ProgressiveConfig(FrozenPassOptions, AdversarialOptions, LoopConfig):
     loss_weighting: Literal["none", "truncated_snr", "snr_plus_one"] = "none"  # extra SNR weight on that error
     ema_decay: float = 0.99  # EMA of the student; the EMA is exported and becomes the next round's teacher (0: off)
     lr_per_round: bool = False  # restart the warm-up and decay the rate linearly to 0 within every phase (replaces lr_scheduler)
+    train_latents: Literal["dataset", "teacher"] = "dataset"  # the x0 that training noises: the dataset's latents, or the teacher's own guided samples of its captions (made once, cached in output_dir)
+    synthetic_steps: int = 25  # train_latents=teacher: DDIM steps per teacher sample (CFG scale w_min + 1)
     adversarial_weight: float = 0.0  # > 0: add LADD's discriminator loss on the student's x0 in the halving rounds (real side: the dataset; gan_loss, disc_* options)
     gradient_checkpointing: bool = False  # trade compute for memory on big teachers
     enable_xformers_memory_efficient_attention: bool = False  # GPU only
@@ -75,6 +78,8 @@ class ProgressiveConfig(FrozenPassOptions, AdversarialOptions, LoopConfig):
         if self.lr_per_round and self.lr_warmup_steps >= shortest:
             raise ConfigError(f"lr_warmup_steps={self.lr_warmup_steps} with lr_per_round needs to be shorter than every "
                               f"phase (the shortest has {shortest} steps)")
+        if self.synthetic_steps < 1:
+            raise ConfigError(f"synthetic_steps={self.synthetic_steps} must be at least 1")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ema_decay={self.ema_decay} is out of range; allowed 0 <= ema_decay < 1")
         total = self.guidance_distillation_steps + self.num_rounds * self.iterations_per_round
@@ -163,6 +168,7 @@ class ProgressiveMethod(LatentMethodBase):
         self.student_net = full_student(teacher.model, cfg.time_cond_proj_dim if self.w_embedding else None)
         if cfg.gradient_checkpointing:
             self.student_net.enable_gradient_checkpointing()
+        self.teacher_latents: torch.Tensor | None = None  # train_latents=teacher: loaded by prepare_extra
         # The current round's teacher once it is a former student, and the student's EMA (both checkpointed,
         # so a resumed round sees them).
         self.round_teacher = copy.deepcopy(self.student_net).requires_grad_(False)
@@ -172,8 +178,20 @@ class ProgressiveMethod(LatentMethodBase):
         self.adversarial = AdversarialTerm(teacher, teacher.model, cfg, False, cfg.seed) if cfg.adversarial_weight > 0 else None
 
     def prepare_extra(self, accelerator: Accelerator, out: Path) -> None:
+        if self.cfg.train_latents == "teacher":
+            self.teacher_latents = cached_teacher_latents(out / "teacher_latents.safetensors", self.teacher,
+                                                          self.data.captions, self.cfg.synthetic_steps,
+                                                          self.cfg.w_min + 1, self.cfg.seed, accelerator, False)[0]
         if self.adversarial is not None:
             self.adversarial.prepare(accelerator)
+
+    def make_batch(self, indices: list[int], device: torch.device) -> dict[str, Any]:
+        """The dataset batch, plus the teacher's samples of the same captions when training noises those
+        (the adversarial term keeps the dataset's latents as its real side)."""
+        batch = super().make_batch(indices, device)
+        if self.teacher_latents is not None:
+            batch["train_latents"] = self.teacher_latents[indices].to(device)
+        return batch
 
     def make_lr_scheduler(self, optimizer: torch.optim.Optimizer, num_processes: int) -> LambdaLR | None:
         """With ``lr_per_round``: warm-up, then a linear decay to 0, inside every phase. A constant rate leaves
@@ -204,7 +222,7 @@ class ProgressiveMethod(LatentMethodBase):
     # --- shared-loop interface -------------------------------------------------------------------------
     def compute_loss(self, model: torch.nn.Module, batch: dict[str, Any], rand: StepRandom):
         phase = self.phase_at(rand.step)
-        x0, embeds = batch["latents"], batch["embeds"]
+        x0, embeds = batch.get("train_latents", batch["latents"]), batch["embeds"]
         w = self.cfg.w_min + (self.cfg.w_max - self.cfg.w_min) * rand.rand()
         if phase.kind == "guidance":
             t = rand.randint(0, self.teacher.schedule.num_train_timesteps).to(x0.device)
@@ -226,7 +244,7 @@ class ProgressiveMethod(LatentMethodBase):
         loss = weighted_x0_loss(pred.x0, x0_target, alpha, sigma, self.target, self.cfg.loss_weighting)
         logs = {"round": float(phase.index if phase.kind == "halving" else -1)}
         if self.adversarial is not None and phase.kind == "halving":
-            g_loss, adversarial_logs = self.adversarial.student_term(x0, pred.x0, embeds, rand)
+            g_loss, adversarial_logs = self.adversarial.student_term(batch["latents"], pred.x0, embeds, rand)
             logs.update(adversarial_logs, distill_loss=loss.detach())
             loss = loss + self.cfg.adversarial_weight * g_loss
         return loss, logs
