@@ -180,7 +180,7 @@ def compatible_reference(script: Path, work: Path) -> Path:
 
 
 def compare_with_reference(script: Path, work: Path, teacher: str, batch: int, warmup: int, steps: int,
-                           extra: list[str] | None = None, pairs: int = 1) -> dict:
+                           extra: list[str] | None = None, pairs: int = 1, mixed_precision: str = "no") -> dict:
     """Same LCM-LoRA work through diffusers' reference script and through train_lcm.py, ``pairs`` times back to
     back (reference, then ours); the medians of the pairs."""
     from stepdistill.evaluation.speed_report import summarise_reference_pairs
@@ -192,7 +192,7 @@ def compare_with_reference(script: Path, work: Path, teacher: str, batch: int, w
     shared = ["--pretrained_teacher_model", teacher_dir, "--resolution", "32", "--train_batch_size", str(batch),
               "--max_train_steps", total, "--learning_rate", "3e-5", "--lr_warmup_steps", "0", "--lora_rank", "16",
               "--lora_alpha", "16", "--num_ddim_timesteps", "50", "--w_min", "3", "--w_max", "3", "--loss_type", "l2",
-              "--mixed_precision", "no", "--report_to", "tensorboard", "--seed", "0", "--checkpointing_steps", "100000"]
+              "--mixed_precision", mixed_precision, "--report_to", "tensorboard", "--seed", "0", "--checkpointing_steps", "100000"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_MININTERVAL": "0"}
     reference = [sys.executable, str(script), *shared, "--output_dir", str(work / "reference"),
                  "--train_shards_path_or_url",
@@ -247,6 +247,8 @@ def main() -> None:
     parser.add_argument("--reference_script", help="diffusers' train_lcm_distill_lora_sd_wds.py (reference part)")
     parser.add_argument("--reference_pairs", type=int, default=1,
                         help="reference part: back-to-back pairs of runs (reference, then ours); medians are reported")
+    parser.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "fp16"],
+                        help="reference part: --mixed_precision given to both scripts")
     parser.add_argument("--output_dir", default="runs/bench_speed")
     parser.add_argument("--trainer_args", default="", help="extra options for our trainers, e.g. '--torch_compile true' "
                         "(raise --warmup_steps past the compile)")
@@ -299,7 +301,9 @@ def main() -> None:
     if "reference" in parts:
         report["reference"] = compare_with_reference(Path(args.reference_script), out / "reference_run", args.teacher,
                                                      args.train_batch_size, args.warmup_steps, args.measure_steps,
-                                                     shlex.split(args.trainer_args), args.reference_pairs)
+                                                     shlex.split(args.trainer_args), args.reference_pairs,
+                                                     args.mixed_precision)
+        report["reference"]["mixed_precision"] = args.mixed_precision
         ref, ours = report["reference"]["reference"], report["reference"]["stepdistill"]
         label = f" (median of {args.reference_pairs} pairs)" if args.reference_pairs > 1 else ""
         print(f"LCM-LoRA, batch {args.train_batch_size}{label}: reference {ref['images_per_s']:.1f} img/s, {memory_text(ref)}; "
