@@ -22,9 +22,9 @@ def test_shipped_trainer_configs_parse(path):
     assert cfg.pretrained_teacher_model == "tiny-sd" and cfg.max_train_steps > 0
 
 
-def test_best_progressive_recipe_plans_guidance_then_two_rounds():
+def test_best_progressive_recipe_plans_guidance_then_one_long_round():
     cfg = load_config(ProgressiveConfig, CONFIGS / "progressive_tiny_sd_gd.yaml")
     phases = plan_phases(cfg)
     assert [(p.kind, p.student_steps, p.first_step, p.end_step) for p in phases] == [
-        ("guidance", 16, 0, 600), ("halving", 8, 600, 1600), ("halving", 4, 1600, 2600)]
+        ("guidance", 8, 0, 600), ("halving", 4, 600, 2600)]
     assert cfg.lr_per_round and cfg.teacher_precision == "bf16" and cfg.max_train_steps == 2600
