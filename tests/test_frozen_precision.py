@@ -51,8 +51,11 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("precision", ["same", "bf16"])
-@pytest.mark.parametrize("case", list(CASES))
+# every case in bf16; the default (no autocast anywhere) on one LCM and the progressive case
+RUNS = [(case, "bf16") for case in CASES] + [("lcm-lora-side-thread", "same"), ("progressive-all-phases", "same")]
+
+
+@pytest.mark.parametrize("case,precision", RUNS)
 def test_frozen_passes_run_in_the_asked_precision_and_the_student_in_its_own(random_teachers, tmp_path, case, precision):
     config_cls, method_cls, options = CASES[case]
     threads = torch.get_num_threads()
