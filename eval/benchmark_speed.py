@@ -152,8 +152,10 @@ def tqdm_seconds_per_step(log: str, warmup: int) -> float:
 
 
 def run_timed(cmd: list[str], env: dict[str, str]) -> tuple[str, float, float | None]:
-    """Run ``cmd``; return its stderr, the main process's peak RSS and the peak PSS of its whole process tree
-    (data-loader workers included; None where /proc does not tell), both in MiB."""
+    """Run ``cmd``; return its stderr, the peak RSS of the largest single process in its tree (wait4 folds in
+    the reaped descendants': the main process, or with ``accelerate launch`` the largest training process) and
+    the peak PSS of its whole process tree (data-loader workers and every launched process included; None where
+    /proc does not tell), both in MiB."""
     from stepdistill.evaluation.process_memory import PeakTreeMemory, available
 
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
@@ -179,26 +181,40 @@ def compatible_reference(script: Path, work: Path) -> Path:
     return patched
 
 
+def launched(script: Path, processes: int, mixed_precision: str) -> list[str]:
+    """The command that starts ``script``: plain ``python`` for one process, ``accelerate launch`` (its CPU
+    defaults: gloo, one torch thread per process) for several on this machine."""
+    if processes == 1:
+        return [sys.executable, str(script)]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes), "--num_machines", "1",
+            "--mixed_precision", mixed_precision, "--dynamo_backend", "no", str(script)]
+
+
 def compare_with_reference(script: Path, work: Path, teacher: str, batch: int, warmup: int, steps: int,
-                           extra: list[str] | None = None, pairs: int = 1, mixed_precision: str = "no") -> dict:
+                           extra: list[str] | None = None, pairs: int = 1, mixed_precision: str = "no",
+                           processes: tuple[int, int] = (1, 1)) -> dict:
     """Same LCM-LoRA work through diffusers' reference script and through train_lcm.py, ``pairs`` times back to
-    back (reference, then ours); the medians of the pairs."""
+    back (reference, then ours); the medians of the pairs. ``processes`` (reference, ours) data-parallel
+    processes share the global ``batch`` (both scripts' batch size is per process). The reference decodes its
+    images in one data-loader worker per process, its minimum (it divides by the worker count)."""
     from stepdistill.evaluation.speed_report import summarise_reference_pairs
     from stepdistill.testbed import resolve_teacher_path
 
     teacher_dir = str(resolve_teacher_path(teacher))
     total = str(warmup + steps)
     script = compatible_reference(script, work)
-    shared = ["--pretrained_teacher_model", teacher_dir, "--resolution", "32", "--train_batch_size", str(batch),
+    shared = ["--pretrained_teacher_model", teacher_dir, "--resolution", "32",
               "--max_train_steps", total, "--learning_rate", "3e-5", "--lr_warmup_steps", "0", "--lora_rank", "16",
               "--lora_alpha", "16", "--num_ddim_timesteps", "50", "--w_min", "3", "--w_max", "3", "--loss_type", "l2",
               "--mixed_precision", mixed_precision, "--report_to", "tensorboard", "--seed", "0", "--checkpointing_steps", "100000"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_MININTERVAL": "0"}
-    reference = [sys.executable, str(script), *shared, "--output_dir", str(work / "reference"),
+    per_process = [["--train_batch_size", str(batch // n)] for n in processes]
+    reference = [*launched(script, processes[0], mixed_precision), *shared, *per_process[0], "--output_dir", str(work / "reference"),
                  "--train_shards_path_or_url",
                  write_shards(work / "shards", repeats=2 + (warmup + steps) * batch // 1388), "--max_train_samples", "1388",
                  "--dataloader_num_workers", "1", "--validation_steps", "100000"]
-    ours = [sys.executable, str(ROOT / "train_scripts" / "train_lcm.py"), *shared, "--output_dir", str(work / "ours"),
+    ours = [*launched(ROOT / "train_scripts" / "train_lcm.py", processes[1], mixed_precision), *shared, *per_process[1],
+            "--output_dir", str(work / "ours"),
             "--validation_steps", "0", "--use_target_network", "false", "--overwrite_output_dir", *(extra or [])]
     results = []
     for index in range(pairs):
@@ -215,8 +231,8 @@ def compare_with_reference(script: Path, work: Path, teacher: str, batch: int, w
 
 
 def memory_text(run: dict) -> str:
-    """'1300 MiB RSS (main process), 1420 MiB PSS (process tree)' for the console."""
-    text = f"{run['peak_rss_mib']:.0f} MiB RSS (main process)"
+    """'1300 MiB RSS (largest process), 1420 MiB PSS (process tree)' for the console."""
+    text = f"{run['peak_rss_mib']:.0f} MiB RSS (largest process)"
     return text + (f", {run['peak_tree_pss_mib']:.0f} MiB PSS (process tree)" if run.get("peak_tree_pss_mib") else "")
 
 
@@ -249,6 +265,11 @@ def main() -> None:
                         help="reference part: back-to-back pairs of runs (reference, then ours); medians are reported")
     parser.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "fp16"],
                         help="reference part: --mixed_precision given to both scripts")
+    parser.add_argument("--reference_processes", type=int, default=1,
+                        help="reference part: processes the reference script runs as (accelerate launch when > 1); "
+                        "they share --train_batch_size")
+    parser.add_argument("--stepdistill_processes", type=int, default=1,
+                        help="reference part: processes train_lcm.py runs as (accelerate launch when > 1)")
     parser.add_argument("--output_dir", default="runs/bench_speed")
     parser.add_argument("--trainer_args", default="", help="extra options for our trainers, e.g. '--torch_compile true' "
                         "(raise --warmup_steps past the compile)")
@@ -267,6 +288,10 @@ def main() -> None:
     batch_sizes = int_list(args.sampling_batch_sizes, "--sampling_batch_sizes")
     if args.reference_pairs < 1:
         sys.exit(f"error: --reference_pairs {str(args.reference_pairs)!r} must be a positive integer")
+    for option in ("reference_processes", "stepdistill_processes"):
+        n = getattr(args, option)
+        if n < 1 or args.train_batch_size % n:
+            sys.exit(f"error: --{option} {n} must be a positive divisor of --train_batch_size {args.train_batch_size}")
     if "reference" in parts and not (args.reference_script and Path(args.reference_script).is_file()):
         sys.exit(f"error: --reference_script {args.reference_script!r} is not a file; give diffusers' "
                  "examples/consistency_distillation/train_lcm_distill_lora_sd_wds.py")
@@ -302,8 +327,11 @@ def main() -> None:
         report["reference"] = compare_with_reference(Path(args.reference_script), out / "reference_run", args.teacher,
                                                      args.train_batch_size, args.warmup_steps, args.measure_steps,
                                                      shlex.split(args.trainer_args), args.reference_pairs,
-                                                     args.mixed_precision)
+                                                     args.mixed_precision,
+                                                     (args.reference_processes, args.stepdistill_processes))
         report["reference"]["mixed_precision"] = args.mixed_precision
+        report["reference"]["processes"] = {"reference": args.reference_processes,
+                                            "stepdistill": args.stepdistill_processes}
         ref, ours = report["reference"]["reference"], report["reference"]["stepdistill"]
         label = f" (median of {args.reference_pairs} pairs)" if args.reference_pairs > 1 else ""
         print(f"LCM-LoRA, batch {args.train_batch_size}{label}: reference {ref['images_per_s']:.1f} img/s, {memory_text(ref)}; "

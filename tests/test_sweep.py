@@ -158,6 +158,31 @@ def test_reference_pairs_report_medians_of_in_pair_ratios():
     assert "| reference | 76.0 | 1300 | 1450 |" in text and "speed-up: 1.25x" in text
     with pytest.raises(ValueError, match="no reference pair"):
         summarise_reference_pairs([])
+    summary["processes"] = {"reference": 2, "stepdistill": 2}
+    assert "median of 3 pairs; reference as 2 processes; stepdistill as 2 processes" in speed_markdown({"reference": summary})
+
+
+def test_benchmark_launches_several_processes_through_accelerate(tmp_path):
+    """One process runs the script directly; several go through ``accelerate launch``, which splits the
+    global batch, and a process count that does not divide the batch is refused before anything runs."""
+    import subprocess
+    import sys
+    from importlib.util import module_from_spec, spec_from_file_location
+
+    script = Path(__file__).resolve().parents[1] / "eval" / "benchmark_speed.py"
+    spec = spec_from_file_location("benchmark_speed", script)
+    bench = module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.launched(Path("t.py"), 1, "no") == [sys.executable, "t.py"]
+    cmd = bench.launched(Path("t.py"), 2, "bf16")
+    assert cmd[1:3] == ["-m", "accelerate.commands.launch"] and cmd[-1] == "t.py"
+    assert cmd[cmd.index("--num_processes") + 1] == "2" and cmd[cmd.index("--mixed_precision") + 1] == "bf16"
+    out = tmp_path / "bench"
+    done = subprocess.run([sys.executable, str(script), "--parts", "sampling", "--train_batch_size", "32",
+                           "--stepdistill_processes", "3", "--output_dir", str(out)], capture_output=True, text=True)
+    assert done.returncode != 0 and not out.exists()
+    assert done.stderr.strip().splitlines()[-1] == \
+        "error: --stepdistill_processes 3 must be a positive divisor of --train_batch_size 32"
 
 
 @pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists(), reason="needs Linux /proc")

@@ -57,7 +57,9 @@ def speed_markdown(report: dict[str, Any]) -> str:
         ref = report["reference"]
         pairs = ref.get("pairs", [])
         label = f"median of {len(pairs)} pairs" if len(pairs) > 1 else "one pair"
-        lines = [f"| LCM-LoRA script ({label}) | images/s | peak RSS, main process (MiB) | peak PSS, process tree (MiB) |",
+        processes = ref.get("processes", {})
+        label += "".join(f"; {name} as {n} processes" for name, n in processes.items() if n > 1)
+        lines = [f"| LCM-LoRA script ({label}) | images/s | peak RSS, largest process (MiB) | peak PSS, process tree (MiB) |",
                  "|---|---|---|---|"]
         for name in ("reference", "stepdistill"):
             lines.append(f"| {name} | {ref[name]['images_per_s']:.1f} | {ref[name]['peak_rss_mib']:.0f} | "
