@@ -1,0 +1,107 @@
+"""Time the parts of one LCM-LoRA step in this process: the whole step, the student's forward and backward,
+the teacher's guided solver step, the target pass with the adapter's branches and with the adapter merged.
+
+    python eval/lcm_step_parts_probe.py --threads 1 --batch 16    # one process of a 2-process CPU run
+    python eval/lcm_step_parts_probe.py --threads 2 --batch 32
+
+Why: the speed comparison with diffusers' reference script is decided by these passes, and a merged
+(no-branch) target pass is the one saving left open; this shows how large it would be on your machine.
+Nothing is written; medians of ``--repeats`` timed calls are printed in milliseconds.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from stepdistill.config import parse_cli
+from stepdistill.methods.common import load_teacher_and_data
+from stepdistill.methods.lcm import LCMConfig, LCMMethod
+from stepdistill.training.step_random import StepRandom
+
+
+def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+    """Median wall time of ``fn`` over ``repeats`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000
+
+
+def merged_copy(net: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the LoRA network with every adapter merged into its base weights (peft's own merge)."""
+    from peft.tuners.lora import LoraLayer
+
+    merged = copy.deepcopy(net)
+    for module in merged.modules():
+        if isinstance(module, LoraLayer):
+            module.merge()
+    return merged
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--teacher", default="tiny-sd")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    if args.threads < 1 or args.batch < 1 or args.repeats < 1:
+        raise SystemExit(f"error: --threads {args.threads}, --batch {args.batch} and --repeats {args.repeats} "
+                         "must all be positive")
+    torch.set_num_threads(args.threads)
+    cfg = parse_cli(LCMConfig, ["--config", "configs/lcm_lora_tiny_sd.yaml", "--pretrained_teacher_model", args.teacher,
+                                "--train_batch_size", str(args.batch), "--use_target_network", "false",
+                                "--overlap_teacher", "false", "--output_dir", "unused"])
+    teacher, data = load_teacher_and_data(cfg)
+    method = LCMMethod(cfg, teacher, data)
+    model = method.student_net
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
+    cpu = torch.device("cpu")
+    batch = method.make_batch(list(range(args.batch)), cpu)
+    x0, embeds = batch["latents"], batch["embeds"]
+    t, noise, w = method._draws(x0, StepRandom(cfg.seed, 0, 0, 1, args.batch, cpu))
+    _, _, x_t, t_prev = method._noised(x0, t, noise)
+
+    def whole_step() -> None:
+        loss, _ = method.compute_loss(model, batch, StepRandom(cfg.seed, 1, 0, 1, args.batch, cpu))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(10):  # move the adapter away from its zero initialisation, so merging changes the weights
+        whole_step()
+
+    def student_forward_backward() -> None:
+        method._student_output(model, x_t, t, embeds, {}).float().pow(2).mean().backward()
+        optimizer.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def teacher_step() -> None:
+        method._teacher_solver_step(x_t, t, t_prev, embeds, w)
+
+    merged = merged_copy(model)
+
+    @torch.no_grad()
+    def target(net: torch.nn.Module) -> torch.Tensor:
+        return teacher.with_model(net).predict(x_t, t_prev, embeds).x0
+
+    gap = (target(model) - target(merged)).abs().max().item()
+    print(f"{args.threads} thread(s), batch {args.batch}; merged vs branched target max |diff| {gap:.2e}")
+    for name, fn in [("whole step", whole_step), ("student forward + backward", student_forward_backward),
+                     (f"teacher guided step (batch {2 * args.batch})", teacher_step),
+                     ("target pass, adapter branches", lambda: target(model)),
+                     ("target pass, adapter merged", lambda: target(merged))]:
+        print(f"{name:36s} {median_ms(fn, args.repeats):8.1f} ms", flush=True)
+
+
+if __name__ == "__main__":
+    main()
