@@ -106,6 +106,72 @@ def test_checkpoint_limit_and_no_temporary_leftovers(tmp_path):
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".tmp")]
 
 
+def test_a_kill_while_pruning_leaves_no_checkpoint_without_its_marker(tmp_path, monkeypatch):
+    """Pruning an old checkpoint deletes files one by one; a kill midway (simulated: the deletion stops after
+    the completion marker is gone) must not leave a half-deleted folder under a checkpoint-<step> name, and
+    the next run clears the leftover and resumes from the newest complete checkpoint."""
+    import shutil
+
+    from stepdistill.training import checkpoint
+
+    real_rmtree = shutil.rmtree
+
+    def dies_midway(path, *args, **kwargs):
+        marker = Path(path) / checkpoint.META_FILE
+        if marker.exists():
+            marker.unlink()
+            raise Interrupt("killed while deleting")
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", dies_midway)
+    with pytest.raises(Interrupt):
+        run_training(ToyMethod(), cfg(tmp_path, max_train_steps=10, checkpointing_steps=2, checkpoints_total_limit=2))
+    run_dir = tmp_path / "run"
+    named = sorted(p.name for p in run_dir.glob("checkpoint-*"))
+    assert named == ["checkpoint-4", "checkpoint-6"]  # checkpoint-2 was being pruned when the run died
+    assert all((run_dir / name / checkpoint.META_FILE).is_file() for name in named)
+    assert (run_dir / ".tmp-removing-checkpoint-2").is_dir()
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", real_rmtree)
+    run_training(ToyMethod(), cfg(tmp_path, max_train_steps=10, checkpointing_steps=2, checkpoints_total_limit=2,
+                                  resume_from_checkpoint="latest"))
+    assert [p.name for p in list_checkpoints(run_dir)] == ["checkpoint-8", "checkpoint-10"]
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_replacing_an_export_never_leaves_half_a_folder_under_its_name(tmp_path, monkeypatch):
+    """The old export is renamed aside before the new one takes its name; a kill while deleting the old one
+    leaves the new export whole, and the next export clears the leftover."""
+    import shutil
+
+    from stepdistill.methods import export
+
+    final = tmp_path / "lora"
+
+    def writer(text):
+        def write(folder):
+            folder.mkdir()
+            (folder / "weights").write_text(text)
+        return write
+
+    export.replace_folder(final, writer("first"))
+    real_rmtree = shutil.rmtree
+
+    def dies_on_the_old_copy(path, *args, **kwargs):
+        if Path(path).name.startswith(".tmp-old-"):
+            (Path(path) / "weights").unlink()
+            raise Interrupt("killed while deleting")
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(export.shutil, "rmtree", dies_on_the_old_copy)
+    with pytest.raises(Interrupt):
+        export.replace_folder(final, writer("second"))
+    assert (final / "weights").read_text() == "second"
+    monkeypatch.setattr(export.shutil, "rmtree", real_rmtree)
+    export.replace_folder(final, writer("third"))
+    assert (final / "weights").read_text() == "third"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lora"]
+
+
 def test_existing_results_are_not_clobbered(tmp_path):
     run_training(ToyMethod(), cfg(tmp_path))
     before = exported(tmp_path)

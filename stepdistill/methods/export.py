@@ -17,15 +17,19 @@ STUDENT_META = "stepdistill_student.json"
 
 
 def replace_folder(final: Path, write: Callable[[Path], None]) -> Path:
-    """Let ``write`` fill a temporary sibling, then swap it into place: a crash never leaves half a folder."""
-    tmp = final.parent / f".tmp-{final.name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    """Let ``write`` fill a temporary sibling, then swap it into place: a crash never leaves half a folder.
+    An existing folder is renamed aside before the swap and deleted after it, never deleted in place."""
+    tmp, old = final.parent / f".tmp-{final.name}", final.parent / f".tmp-old-{final.name}"
+    for leftover in (tmp, old):
+        if leftover.exists():
+            shutil.rmtree(leftover)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     write(tmp)
     if final.exists():
-        shutil.rmtree(final)
+        final.rename(old)
     tmp.rename(final)
+    if old.exists():
+        shutil.rmtree(old)
     return final
 
 

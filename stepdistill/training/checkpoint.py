@@ -27,13 +27,31 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
 
 
+def remove_checkpoint(folder: Path) -> None:
+    """Delete a checkpoint folder so that a kill at any moment leaves either the whole checkpoint or nothing
+    under its name: it is first renamed to a temporary name (which resume ignores), then deleted."""
+    doomed = folder.parent / f".tmp-removing-{folder.name}"
+    if doomed.exists():
+        shutil.rmtree(doomed)
+    folder.rename(doomed)
+    shutil.rmtree(doomed)
+
+
+def _clear_removal_leftovers(output_dir: Path) -> None:
+    """Folders a killed run left half-deleted (see :func:`remove_checkpoint`)."""
+    for leftover in output_dir.glob(".tmp-removing-checkpoint-*"):
+        shutil.rmtree(leftover)
+
+
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, trainer: str, total_limit: int | None,
                     extra_objects: list[Any] = ()) -> Path:
     """Save the full training state at ``step``; the folder appears only once it is complete."""
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".tmp-checkpoint-{step}"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
+    if accelerator.is_main_process:
+        _clear_removal_leftovers(output_dir)
+        if tmp.exists():
+            shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
@@ -41,11 +59,11 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, train
         save_extra_states(list(extra_objects), tmp)
         (tmp / META_FILE).write_text(json.dumps({"step": step, "trainer": trainer}))
         if final.exists():
-            shutil.rmtree(final)
+            remove_checkpoint(final)
         tmp.rename(final)
         if total_limit is not None:
             for old in list_checkpoints(output_dir)[:-total_limit]:
-                shutil.rmtree(old)
+                remove_checkpoint(old)
     accelerator.wait_for_everyone()
     return final
 
