@@ -12,28 +12,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
-from typing import Callable
 
 import torch
 
 from stepdistill.config import parse_cli
+from stepdistill.evaluation.sampling_parts import median_ms
 from stepdistill.methods.common import load_teacher_and_data
 from stepdistill.methods.lcm import LCMConfig, LCMMethod
 from stepdistill.training.step_random import StepRandom
-
-
-def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
-    """Median wall time of ``fn`` over ``repeats`` calls after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
 
 
 def merged_copy(net: torch.nn.Module) -> torch.nn.Module:

@@ -157,7 +157,7 @@ def test_replacing_an_export_never_leaves_half_a_folder_under_its_name(tmp_path,
     real_rmtree = shutil.rmtree
 
     def dies_on_the_old_copy(path, *args, **kwargs):
-        if Path(path).name.startswith(".tmp-old-"):
+        if Path(path).name.startswith(".tmp-removing-"):
             (Path(path) / "weights").unlink()
             raise Interrupt("killed while deleting")
         real_rmtree(path, *args, **kwargs)

@@ -12,24 +12,19 @@ import torch
 from peft.utils import get_peft_model_state_dict
 
 from stepdistill.teacher import TeacherWrapper
+from stepdistill.training.checkpoint import swap_into_place
 
 STUDENT_META = "stepdistill_student.json"
 
 
 def replace_folder(final: Path, write: Callable[[Path], None]) -> Path:
-    """Let ``write`` fill a temporary sibling, then swap it into place: a crash never leaves half a folder.
-    An existing folder is renamed aside before the swap and deleted after it, never deleted in place."""
-    tmp, old = final.parent / f".tmp-{final.name}", final.parent / f".tmp-old-{final.name}"
-    for leftover in (tmp, old):
-        if leftover.exists():
-            shutil.rmtree(leftover)
+    """Let ``write`` fill a temporary sibling, then swap it into place: a crash never leaves half a folder."""
+    tmp = final.parent / f".tmp-{final.name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     write(tmp)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    if old.exists():
-        shutil.rmtree(old)
+    swap_into_place(tmp, final)
     return final
 
 

@@ -27,14 +27,31 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
 
 
-def remove_checkpoint(folder: Path) -> None:
-    """Delete a checkpoint folder so that a kill at any moment leaves either the whole checkpoint or nothing
-    under its name: it is first renamed to a temporary name (which resume ignores), then deleted."""
+def _aside(folder: Path) -> Path:
+    """The temporary name a folder is renamed to before it is deleted (resume and exports ignore it); a
+    leftover of an earlier kill under that name is cleared first."""
     doomed = folder.parent / f".tmp-removing-{folder.name}"
     if doomed.exists():
         shutil.rmtree(doomed)
+    return doomed
+
+
+def remove_checkpoint(folder: Path) -> None:
+    """Delete a folder so that a kill at any moment leaves either all of it or nothing under its name."""
+    doomed = _aside(folder)
     folder.rename(doomed)
     shutil.rmtree(doomed)
+
+
+def swap_into_place(tmp: Path, final: Path) -> None:
+    """Give the complete folder ``tmp`` the name ``final``; an existing ``final`` is renamed aside first and
+    deleted afterwards, so no kill leaves half a folder under ``final``."""
+    doomed = _aside(final)
+    if final.exists():
+        final.rename(doomed)
+    tmp.rename(final)
+    if doomed.exists():
+        shutil.rmtree(doomed)
 
 
 def _clear_removal_leftovers(output_dir: Path) -> None:
@@ -58,9 +75,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, train
     if accelerator.is_main_process:
         save_extra_states(list(extra_objects), tmp)
         (tmp / META_FILE).write_text(json.dumps({"step": step, "trainer": trainer}))
-        if final.exists():
-            remove_checkpoint(final)
-        tmp.rename(final)
+        swap_into_place(tmp, final)
         if total_limit is not None:
             for old in list_checkpoints(output_dir)[:-total_limit]:
                 remove_checkpoint(old)
