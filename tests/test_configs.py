@@ -19,7 +19,7 @@ TRAINER_CONFIGS = {"lcm_": LCMConfig, "progressive_": ProgressiveConfig, "ladd_"
 def test_shipped_trainer_configs_parse(path):
     cls = next(c for prefix, c in TRAINER_CONFIGS.items() if path.name.startswith(prefix))
     cfg = load_config(cls, path)
-    assert cfg.pretrained_teacher_model == "tiny-sd" and cfg.max_train_steps > 0
+    assert cfg.pretrained_teacher_model == ("tiny-sd3" if "sd3" in path.name else "tiny-sd") and cfg.max_train_steps > 0
 
 
 def test_best_progressive_recipe_plans_guidance_then_one_long_round():
@@ -28,3 +28,11 @@ def test_best_progressive_recipe_plans_guidance_then_one_long_round():
     assert [(p.kind, p.student_steps, p.first_step, p.end_step) for p in phases] == [
         ("guidance", 8, 0, 600), ("halving", 4, 600, 2600)]
     assert cfg.lr_per_round and cfg.teacher_precision == "bf16" and cfg.max_train_steps == 2600
+
+
+def test_dit_progressive_recipe_halves_from_16_to_1_without_guidance_stage():
+    cfg = load_config(ProgressiveConfig, CONFIGS / "progressive_tiny_sd3.yaml")
+    phases = plan_phases(cfg)
+    assert [(p.kind, p.student_steps, p.first_step) for p in phases] == [
+        ("halving", 8, 0), ("halving", 4, 1000), ("halving", 2, 2000), ("halving", 1, 3000)]
+    assert cfg.w_min == cfg.w_max and cfg.lr_per_round and cfg.max_train_steps == 4000
