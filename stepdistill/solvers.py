@@ -91,13 +91,14 @@ def halving_pairs(student_steps: int, schedule: NoiseSchedule) -> tuple[torch.Te
     2N-step teacher grid in which student step i spans teacher steps 2i and 2i+1.
 
     vp: trailing grids of N and 2N steps nest exactly, and the student's is what ``DDIMScheduler`` (trailing)
-    samples. Flow: diffusers' N-step Euler grid does not nest in its 2N-step one, so the teacher grid is the
-    student's with each interval's midpoint inserted.
+    samples. Flow: the uniform grids of :func:`uniform_call_sigmas`, which nest too; diffusers' default N-step
+    grid neither nests in its 2N-step one nor ends with a useful step.
     """
-    student = sampling_grid(schedule, student_steps, "trailing")
     if schedule.kind == "flow":
-        middle = (student[:-1] + student[1:]) / 2
-        return student, torch.cat([torch.stack([student[:-1], middle], 1).flatten(), student[-1:]])
+        end = torch.zeros(1)
+        return (torch.cat([few_step_timesteps(schedule, student_steps), end]),
+                torch.cat([few_step_timesteps(schedule, 2 * student_steps), end]))
+    student = sampling_grid(schedule, student_steps, "trailing")
     teacher = sampling_grid(schedule, 2 * student_steps, "trailing")
     if not torch.equal(teacher[::2], student):
         raise ConfigError(f"trailing grids of {student_steps} and {2 * student_steps} steps do not nest; choose another step count")
@@ -125,11 +126,24 @@ def lcm_inference_timesteps(num_steps: int, num_ddim_timesteps: int = 50, num_tr
     return grid[torch.from_numpy(indices)]
 
 
+def uniform_call_sigmas(num_steps: int) -> list[float]:
+    """The ``sigmas=`` a pipeline call passes to sample a few-step flow student: 1, (N-1)/N, ..., 1/N (the
+    scheduler shifts them and appends 0).
+
+    diffusers' default N-step flow grid ends with a step from sigma 0.001 to 0 that removes nothing, so
+    N steps do the work of N-1 and 2 steps equal 1. On this grid every step removes 1/N of the noise and
+    the 1-, 2- and 4-step grids nest, so a student trained for all three is trained at 4 noise levels."""
+    if num_steps < 1:
+        raise ConfigError(f"num_steps={num_steps} is out of range; allowed 1 or more")
+    return [1.0 - i / num_steps for i in range(num_steps)]
+
+
 def few_step_timesteps(schedule: NoiseSchedule, num_steps: int, num_ddim_timesteps: int = 50) -> torch.Tensor:
-    """Descending model timesteps a few-step student is called at by the scheduler it is exported with:
-    LCMScheduler's (vp) or FlowMatchEulerDiscreteScheduler's (flow) N-step schedule."""
+    """Descending model timesteps a few-step student is called at: LCMScheduler's N-step schedule (vp), or
+    FlowMatchEulerDiscreteScheduler's with ``sigmas=uniform_call_sigmas(N)`` (flow)."""
     if schedule.kind == "flow":
-        return sampling_grid(schedule, num_steps)[:-1]
+        sigmas = _shift(torch.tensor(uniform_call_sigmas(num_steps), dtype=torch.float64), schedule.shift)
+        return (sigmas * schedule.num_train_timesteps).float()
     return lcm_inference_timesteps(num_steps, num_ddim_timesteps, schedule.num_train_timesteps)
 
 

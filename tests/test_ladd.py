@@ -1,6 +1,7 @@
 """LADD trainer mechanics on small random teachers: export formats and samplers, resume, bad options."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -11,7 +12,13 @@ from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, LCMSch
 from method_runs import train_method
 from stepdistill.errors import ConfigError
 from stepdistill.methods.ladd import LADDConfig, LADDMethod, student_timestep_set
+from stepdistill.solvers import uniform_call_sigmas
 from stepdistill.teacher import load_teacher
+
+
+def grid_kwargs(meta: dict, steps: int) -> dict:
+    """The sigmas a user passes for a flow student, as its model card says."""
+    return {"sigmas": uniform_call_sigmas(steps)} if meta.get("sigma_grid") == "uniform" else {}
 
 
 def train(teacher_dir: Path, out: Path, **overrides) -> LADDMethod:
@@ -27,8 +34,9 @@ def test_student_timesteps_are_the_exported_schedulers_grids(random_teachers):
     assert lcm.timesteps.tolist() == [999, 759, 499, 259]
     sd3 = load_teacher(random_teachers / "sd3", max_sequence_length=8)
     flow = FlowMatchEulerDiscreteScheduler.from_config(sd3.pipe.scheduler.config)
-    flow.set_timesteps(4)
-    torch.testing.assert_close(student_timestep_set(sd3, [4]), flow.timesteps.float())
+    flow.set_timesteps(sigmas=uniform_call_sigmas(4))
+    torch.testing.assert_close(student_timestep_set(sd3, [1, 2, 4]), flow.timesteps.float())
+    assert student_timestep_set(sd3, [1, 2, 4]).tolist() == [1000, 750, 500, 250]  # no step at sigma 0.001
 
 
 def test_timestep_warmup_moves_from_the_noisiest_to_uniform(random_teachers, tmp_path):
@@ -41,12 +49,12 @@ def test_timestep_warmup_moves_from_the_noisiest_to_uniform(random_teachers, tmp
 @pytest.mark.parametrize("kind,cls", [("sd", StableDiffusionPipeline), ("sd3", StableDiffusion3Pipeline)])
 def test_lora_export_samples_like_our_sampler_in_a_fresh_pipeline(random_teachers, tmp_path, kind, cls):
     import diffusers
-    import json
 
     method = train(random_teachers / kind, tmp_path / "run")
     lora_dir = tmp_path / "run" / "lora"
     meta = json.loads((lora_dir / "stepdistill_student.json").read_text())
     assert meta["method"] == "ladd-lora" and meta["guidance_scale"] == 1.0
+    assert meta.get("sigma_grid") == ("uniform" if kind == "sd3" else None)
     extra = {"text_encoder_3": None, "tokenizer_3": None} if kind == "sd3" else {}
     pipe = cls.from_pretrained(random_teachers / kind, dtype=torch.float32, **extra)
     pipe.set_progress_bar_config(disable=True)
@@ -59,9 +67,10 @@ def test_lora_export_samples_like_our_sampler_in_a_fresh_pipeline(random_teacher
         ours = method.sample(method.student_net, prompts, steps, noise, seed=9)
         torch.manual_seed(9)  # StableDiffusion3Pipeline does not hand its generator to scheduler.step
         theirs = pipe(prompts, num_inference_steps=steps, guidance_scale=1.0, latents=noise, output_type="latent",
-                      generator=torch.Generator().manual_seed(9), **call).images
+                      generator=torch.Generator().manual_seed(9), **grid_kwargs(meta, steps), **call).images
         torch.testing.assert_close(theirs, ours, atol=2e-4, rtol=1e-4)
-    assert "load_lora_weights" in (lora_dir / "README.md").read_text()
+    card = (lora_dir / "README.md").read_text()
+    assert 'load_lora_weights("lora")' in card and (("sigmas=[1.0, 0.75, 0.5, 0.25]" in card) == (kind == "sd3"))
 
 
 @pytest.mark.parametrize("kind", ["sd", "sd3"])
@@ -74,9 +83,10 @@ def test_full_student_pipeline_loads_with_its_few_step_scheduler(random_teachers
     call = {"max_sequence_length": 8} if kind == "sd3" else {}
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
     ours = method.sample(method.student_net, ["fire", "sun"], 2, noise, seed=1)
+    meta = json.loads((tmp_path / "run" / "pipeline" / "stepdistill_student.json").read_text())
     torch.manual_seed(1)
     theirs = pipe(["fire", "sun"], num_inference_steps=2, guidance_scale=1.0, latents=noise, output_type="latent",
-                  generator=torch.Generator().manual_seed(1), **call).images
+                  generator=torch.Generator().manual_seed(1), **grid_kwargs(meta, 2), **call).images
     torch.testing.assert_close(theirs, ours, atol=2e-4, rtol=1e-4)
     plain = load_teacher(random_teachers / kind, max_sequence_length=8)  # the teacher itself is left as it was
     assert any((a - b).abs().max() > 0 for a, b in zip(plain.model.parameters(), method.student_net.parameters()))

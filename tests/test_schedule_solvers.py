@@ -7,8 +7,8 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscr
 
 from stepdistill.errors import ConfigError
 from stepdistill.schedule import NoiseSchedule
-from stepdistill.solvers import (ddim_prev_timestep, ddim_step, ddim_timesteps, euler_flow_step, flow_sigmas,
-                                 halving_pairs, lcm_skip_timesteps, sampling_grid)
+from stepdistill.solvers import (ddim_prev_timestep, ddim_step, ddim_timesteps, euler_flow_step, few_step_timesteps,
+                                 flow_sigmas, halving_pairs, lcm_skip_timesteps, sampling_grid, uniform_call_sigmas)
 from stepdistill.teacher import output_to_prediction
 
 SD15 = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False)
@@ -65,6 +65,24 @@ def test_flow_grid_and_euler_step_match_flow_scheduler(shift, steps):
         ours = ddim_step(pred, *schedule.alpha_sigma(sigmas[i + 1] * 1000))
         torch.testing.assert_close(ours, euler, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_few_step_flow_grid_is_what_the_scheduler_runs_with_uniform_sigmas_and_nests(shift):
+    schedule = NoiseSchedule.from_scheduler(FlowMatchEulerDiscreteScheduler(shift=shift))
+    default = FlowMatchEulerDiscreteScheduler(shift=shift)
+    default.set_timesteps(2)
+    assert default.sigmas[1] < 0.01  # why: the default 2-step grid's second step starts almost clean
+    grids = {}
+    for steps in (1, 2, 4):
+        sched = FlowMatchEulerDiscreteScheduler(shift=shift)
+        sched.set_timesteps(sigmas=uniform_call_sigmas(steps))
+        grids[steps] = few_step_timesteps(schedule, steps)
+        torch.testing.assert_close(grids[steps], sched.timesteps.float())
+    assert grids[1][0] == 1000 and grids[2][1] > 300  # the second of two steps starts from real noise
+    assert set(grids[2].tolist()) <= set(grids[4].tolist()) and set(grids[1].tolist()) <= set(grids[2].tolist())
+    with pytest.raises(ConfigError, match="num_steps=0"):
+        uniform_call_sigmas(0)
 
 
 def test_vp_sigma_matches_euler_scheduler_and_inverts():

@@ -11,10 +11,11 @@ from diffusers import DiffusionPipeline
 
 from stepdistill.errors import ConfigError, ModelError
 from stepdistill.evaluation.sampling_parts import median_ms
+from stepdistill.methods.export import SIGMA_GRID_KEY, STUDENT_META
 from stepdistill.sampling import initial_noise
+from stepdistill.solvers import uniform_call_sigmas
 from stepdistill.teacher import TeacherWrapper, load_teacher
 
-STUDENT_META = "stepdistill_student.json"  # written next to exported students: scheduler and guidance to use
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
@@ -43,6 +44,13 @@ class Generator:
     pipe: DiffusionPipeline
     guidance_scale: float
     call_kwargs: dict
+    sigma_grid: str | None = None  # "uniform": the student's own noise grid (see uniform_call_sigmas)
+
+    def step_kwargs(self, steps: int) -> dict:
+        """Pipeline-call arguments that fix the ``steps``-step noise grid."""
+        if self.sigma_grid == "uniform":
+            return {"num_inference_steps": steps, "sigmas": uniform_call_sigmas(steps)}
+        return {"num_inference_steps": steps}
 
     @torch.no_grad()
     def images(self, prompts: list[str], steps: int, noise: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -50,8 +58,8 @@ class Generator:
         out = []
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
-            result = self.pipe(chunk, num_inference_steps=steps, guidance_scale=self.guidance_scale,
-                               latents=noise[start:start + len(chunk)], output_type="pt", **self.call_kwargs)
+            result = self.pipe(chunk, guidance_scale=self.guidance_scale, latents=noise[start:start + len(chunk)],
+                               output_type="pt", **self.step_kwargs(steps), **self.call_kwargs)
             out.append(result.images.float() * 2 - 1)
         return torch.cat(out)
 
@@ -84,7 +92,10 @@ def load_student(spec: str, teacher_path: Path, call_kwargs: dict) -> Generator:
         raise ModelError(f"student {spec!r}: {path!r} holds neither {LORA_FILE} nor a pipeline (model_index.json)")
     if "scheduler" in meta:
         pipe.scheduler = getattr(diffusers, meta["scheduler"]).from_config(pipe.scheduler.config, **meta.get("scheduler_kwargs", {}))
-    return Generator(name, pipe, float(meta.get("guidance_scale", 1.0)), call_kwargs)
+    grid = meta.get(SIGMA_GRID_KEY)
+    if grid not in (None, "uniform"):
+        raise ModelError(f"student {spec!r}: {SIGMA_GRID_KEY}={grid!r} in {STUDENT_META} is not known; allowed: uniform")
+    return Generator(name, pipe, float(meta.get("guidance_scale", 1.0)), call_kwargs, grid)
 
 
 def check_lora_fits(folder: Path, pipe: DiffusionPipeline, meta: dict) -> None:

@@ -15,11 +15,13 @@ from stepdistill.teacher import TeacherWrapper
 from stepdistill.training.checkpoint import swap_into_place
 
 STUDENT_META = "stepdistill_student.json"
+TMP_PREFIX = ".tmp-"  # replace_folder writes into this sibling of the final folder
+SIGMA_GRID_KEY = "sigma_grid"  # in STUDENT_META: "uniform" means call with sigmas=uniform_call_sigmas(N)
 
 
 def replace_folder(final: Path, write: Callable[[Path], None]) -> Path:
     """Let ``write`` fill a temporary sibling, then swap it into place: a crash never leaves half a folder."""
-    tmp = final.parent / f".tmp-{final.name}"
+    tmp = final.parent / f"{TMP_PREFIX}{final.name}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -29,7 +31,8 @@ def replace_folder(final: Path, write: Callable[[Path], None]) -> Path:
 
 
 def write_lora(model: torch.nn.Module, teacher: TeacherWrapper, out_dir: Path, scheduler: str | None,
-               method: str = "lcm-lora", scheduler_kwargs: dict[str, Any] | None = None) -> None:
+               method: str = "lcm-lora", scheduler_kwargs: dict[str, Any] | None = None,
+               extra_meta: dict[str, Any] | None = None) -> None:
     """``pytorch_lora_weights.safetensors`` that ``pipe.load_lora_weights(dir)`` accepts.
 
     Keys get diffusers' ``unet.`` / ``transformer.`` prefixes and the adapter config is stored as metadata,
@@ -51,28 +54,33 @@ def write_lora(model: torch.nn.Module, teacher: TeacherWrapper, out_dir: Path, s
         meta["scheduler"] = scheduler
     if scheduler_kwargs:
         meta["scheduler_kwargs"] = scheduler_kwargs
+    meta.update(extra_meta or {})
     (out_dir / STUDENT_META).write_text(json.dumps(meta, indent=2))
 
 
 def write_model_card(out_dir: Path, cfg: Any, teacher: TeacherWrapper, lora: bool, steps: int = 4,
-                     guidance_scale: float | None = None, scheduler_setup: str | None = None) -> None:
+                     guidance_scale: float | None = None, scheduler_setup: str | None = None,
+                     call_sigmas: list[float] | None = None) -> None:
     """A README.md next to the weights saying what they are and how to load them.
 
-    ``scheduler_setup`` is the scheduler line of a LoRA's usage example (default: LCMScheduler for UNets)."""
+    ``scheduler_setup`` is the scheduler line of a LoRA's usage example (default: LCMScheduler for UNets);
+    ``call_sigmas`` is the noise grid the example passes when the student needs its own."""
     options = {k: v for k, v in dataclasses.asdict(cfg).items() if isinstance(v, (int, float, str, bool))}
     pipe_cls = type(teacher.pipe).__name__
+    folder = out_dir.name.removeprefix(TMP_PREFIX)  # the card is written inside replace_folder's sibling
     if scheduler_setup is None and not teacher.is_dit:
         scheduler_setup = "LCMScheduler.from_config(pipe.scheduler.config)"
+    sigmas = "" if call_sigmas is None else f", sigmas={[round(v, 4) for v in call_sigmas]}"
     if lora and scheduler_setup:
         usage = (f"pipe = {pipe_cls}.from_pretrained(TEACHER)\npipe.scheduler = {scheduler_setup}\n"
-                 f"pipe.load_lora_weights(\"{out_dir.name}\")\n"
-                 f"image = pipe(prompt, num_inference_steps={steps}, guidance_scale=1.0).images[0]")
+                 f"pipe.load_lora_weights(\"{folder}\")\n"
+                 f"image = pipe(prompt, num_inference_steps={steps}{sigmas}, guidance_scale=1.0).images[0]")
     elif lora:
-        usage = f"pipe = {pipe_cls}.from_pretrained(TEACHER)\npipe.load_lora_weights(\"{out_dir.name}\")"
+        usage = f"pipe = {pipe_cls}.from_pretrained(TEACHER)\npipe.load_lora_weights(\"{folder}\")"
     else:
         guidance = "" if guidance_scale is None else f", guidance_scale={guidance_scale:g}"
-        usage = (f"pipe = DiffusionPipeline.from_pretrained(\"{out_dir.name}\")\n"
-                 f"image = pipe(prompt, num_inference_steps={steps}{guidance}).images[0]")
+        usage = (f"pipe = DiffusionPipeline.from_pretrained(\"{folder}\")\n"
+                 f"image = pipe(prompt, num_inference_steps={steps}{sigmas}{guidance}).images[0]")
     lines = [f"# {cfg.__class__.__name__.removesuffix('Config')} student of `{cfg.pretrained_teacher_model}`", "",
              f"Distilled with stepdistill from a `{pipe_cls}` teacher ({teacher.prediction_type} prediction).", "",
              "```python", usage, "```", "", "## Training options", "",

@@ -23,9 +23,9 @@ from torch.optim.lr_scheduler import LambdaLR
 from stepdistill.errors import ConfigError
 from stepdistill.methods.adversarial import AdversarialOptions, AdversarialTerm
 from stepdistill.methods.common import FrozenPassOptions, LatentMethodBase, LatentPromptData, full_student, write_validation
-from stepdistill.methods.export import STUDENT_META, replace_folder, write_model_card
+from stepdistill.methods.export import SIGMA_GRID_KEY, STUDENT_META, replace_folder, write_model_card
 from stepdistill.methods.synthetic import cached_teacher_latents
-from stepdistill.solvers import ddim_step, guidance_scale_embedding, halving_pairs, sample_ddim
+from stepdistill.solvers import ddim_step, guidance_scale_embedding, halving_pairs, sample_ddim, uniform_call_sigmas
 from stepdistill.teacher import Prediction, TeacherWrapper
 from stepdistill.training.loop import LoopConfig
 from stepdistill.training.step_random import StepRandom
@@ -315,7 +315,8 @@ class ProgressiveMethod(LatentMethodBase):
         self._export_pipeline(self.ema_net, out_dir, self.phases[-1].student_steps)
 
     def _export_pipeline(self, net: torch.nn.Module, out_dir: Path, steps: int) -> None:
-        """A pipeline folder of the teacher's class that samples on the training grid (trailing DDIM / flow Euler)."""
+        """A pipeline folder of the teacher's class that samples on the training grid (trailing DDIM / flow Euler
+        with the student's ``sigmas=``)."""
         pipe = copy.copy(self.teacher.pipe)
         if self.teacher.is_dit:
             pipe.register_modules(transformer=copy.deepcopy(net).to(torch.float32))
@@ -326,5 +327,9 @@ class ProgressiveMethod(LatentMethodBase):
         # The w-conditioned UNet reads w = guidance_scale - 1 from the pipeline; DiT students must run without CFG.
         guidance = self.cfg.w_min + 1 if self.w_embedding else 1.0
         meta = {"method": "progressive", "num_inference_steps": steps, "guidance_scale": guidance}
+        if self.teacher.schedule.kind == "flow":
+            meta[SIGMA_GRID_KEY] = "uniform"  # the nested grid of halving_pairs, passed as sigmas= at every call
         (out_dir / STUDENT_META).write_text(json.dumps(meta, indent=2))
-        write_model_card(out_dir, self.cfg, self.teacher, lora=False, steps=steps, guidance_scale=guidance)
+        sigmas = uniform_call_sigmas(steps) if SIGMA_GRID_KEY in meta else None
+        write_model_card(out_dir, self.cfg, self.teacher, lora=False, steps=steps, guidance_scale=guidance,
+                         call_sigmas=sigmas)
