@@ -36,3 +36,13 @@ def test_dit_progressive_recipe_halves_from_16_to_1_without_guidance_stage():
     assert [(p.kind, p.student_steps, p.first_step) for p in phases] == [
         ("halving", 8, 0), ("halving", 4, 1000), ("halving", 2, 2000), ("halving", 1, 3000)]
     assert cfg.w_min == cfg.w_max and cfg.lr_per_round and cfg.max_train_steps == 4000
+
+
+def test_dit_ladd_recipe_is_the_measured_run():
+    dit = load_config(LADDConfig, CONFIGS / "ladd_lora_tiny_sd3.yaml")
+    unet = load_config(LADDConfig, CONFIGS / "ladd_lora_tiny_sd.yaml")
+    assert dit.max_train_steps == 600 and dit.student_steps == [1, 2, 4]
+    # the README's run was the UNet config with only the teacher and step count changed
+    same = ("lora_rank", "learning_rate", "adversarial_weight", "distill_weight", "train_batch_size", "synthetic_steps",
+            "synthetic_guidance_scale", "timestep_warmup_steps", "disc_learning_rate", "gan_loss", "seed")
+    assert [getattr(dit, k) for k in same] == [getattr(unet, k) for k in same]
