@@ -19,6 +19,12 @@ TMP_PREFIX = ".tmp-"  # replace_folder writes into this sibling of the final fol
 SIGMA_GRID_KEY = "sigma_grid"  # in STUDENT_META: "uniform" means call with sigmas=uniform_call_sigmas(N)
 
 
+def sampling_grid_meta(teacher: TeacherWrapper) -> dict[str, Any]:
+    """STUDENT_META entries a pipeline call needs beyond the scheduler: flow students of every trainer sample
+    on the uniform grid of ``solvers.uniform_call_sigmas``."""
+    return {SIGMA_GRID_KEY: "uniform"} if teacher.schedule.kind == "flow" else {}
+
+
 def replace_folder(final: Path, write: Callable[[Path], None]) -> Path:
     """Let ``write`` fill a temporary sibling, then swap it into place: a crash never leaves half a folder."""
     tmp = final.parent / f"{TMP_PREFIX}{final.name}"

@@ -20,7 +20,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, LCMScheduler
 from stepdistill.errors import ConfigError
 from stepdistill.methods.adversarial import AdversarialOptions, AdversarialTerm
 from stepdistill.methods.common import LatentMethodBase, LatentPromptData, build_student, write_validation
-from stepdistill.methods.export import SIGMA_GRID_KEY, STUDENT_META, write_lora, write_model_card
+from stepdistill.methods.export import STUDENT_META, sampling_grid_meta, write_lora, write_model_card
 from stepdistill.methods.synthetic import cached_teacher_latents
 from stepdistill.solvers import consistency_output, few_step_timesteps, sample_consistency, uniform_call_sigmas
 from stepdistill.teacher import TeacherWrapper
@@ -179,25 +179,22 @@ class LADDMethod(LatentMethodBase):
         return "LCMScheduler", {"timestep_scaling": self.cfg.timestep_scaling_factor,
                                 "original_inference_steps": LCM_ORIGINAL_STEPS}
 
-    def sampling_meta(self) -> dict[str, Any]:
-        """What a pipeline call needs beyond the scheduler: flow students sample on their own noise grid."""
-        return {SIGMA_GRID_KEY: "uniform"} if self.teacher.schedule.kind == "flow" else {}
-
     def export(self, model: torch.nn.Module, out_dir: Path) -> None:
         name, kwargs = self.scheduler_spec()
         steps = max(self.cfg.student_steps)
+        grid_meta = sampling_grid_meta(self.teacher)
         if self.cfg.use_lora:
             write_lora(model, self.teacher, out_dir, scheduler=name, method="ladd-lora", scheduler_kwargs=kwargs,
-                       extra_meta=self.sampling_meta())
+                       extra_meta=grid_meta)
         else:
             export = copy.copy(self.teacher.pipe)
             scheduler_cls = FlowMatchEulerDiscreteScheduler if name.startswith("FlowMatch") else LCMScheduler
             export.register_modules(scheduler=scheduler_cls.from_config(self.teacher.pipe.scheduler.config, **kwargs))
             export.register_modules(**{"transformer" if self.teacher.is_dit else "unet": model})
             export.save_pretrained(out_dir, safe_serialization=True)
-            meta = {"method": "ladd", "guidance_scale": 1.0, **self.sampling_meta()}
+            meta = {"method": "ladd", "guidance_scale": 1.0, **grid_meta}
             (out_dir / STUDENT_META).write_text(json.dumps(meta))
         setup = f"{name}.from_config(pipe.scheduler.config, " + ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) + ")"
-        sigmas = uniform_call_sigmas(steps) if self.sampling_meta() else None
+        sigmas = uniform_call_sigmas(steps) if grid_meta else None
         write_model_card(out_dir, self.cfg, self.teacher, lora=self.cfg.use_lora, steps=steps, guidance_scale=1.0,
                          scheduler_setup=setup, call_sigmas=sigmas)

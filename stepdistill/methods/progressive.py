@@ -23,7 +23,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from stepdistill.errors import ConfigError
 from stepdistill.methods.adversarial import AdversarialOptions, AdversarialTerm
 from stepdistill.methods.common import FrozenPassOptions, LatentMethodBase, LatentPromptData, full_student, write_validation
-from stepdistill.methods.export import SIGMA_GRID_KEY, STUDENT_META, replace_folder, write_model_card
+from stepdistill.methods.export import STUDENT_META, replace_folder, sampling_grid_meta, write_model_card
 from stepdistill.methods.synthetic import cached_teacher_latents
 from stepdistill.solvers import ddim_step, guidance_scale_embedding, halving_pairs, sample_ddim, uniform_call_sigmas
 from stepdistill.teacher import Prediction, TeacherWrapper
@@ -326,10 +326,9 @@ class ProgressiveMethod(LatentMethodBase):
         pipe.save_pretrained(out_dir, safe_serialization=True)
         # The w-conditioned UNet reads w = guidance_scale - 1 from the pipeline; DiT students must run without CFG.
         guidance = self.cfg.w_min + 1 if self.w_embedding else 1.0
-        meta = {"method": "progressive", "num_inference_steps": steps, "guidance_scale": guidance}
-        if self.teacher.schedule.kind == "flow":
-            meta[SIGMA_GRID_KEY] = "uniform"  # the nested grid of halving_pairs, passed as sigmas= at every call
+        grid_meta = sampling_grid_meta(self.teacher)  # flow: halving_pairs' nested grid, passed as sigmas=
+        meta = {"method": "progressive", "num_inference_steps": steps, "guidance_scale": guidance, **grid_meta}
         (out_dir / STUDENT_META).write_text(json.dumps(meta, indent=2))
-        sigmas = uniform_call_sigmas(steps) if SIGMA_GRID_KEY in meta else None
+        sigmas = uniform_call_sigmas(steps) if grid_meta else None
         write_model_card(out_dir, self.cfg, self.teacher, lora=False, steps=steps, guidance_scale=guidance,
                          call_sigmas=sigmas)
