@@ -11,6 +11,7 @@ from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, LCMSch
 
 from method_runs import train_method
 from stepdistill.errors import ConfigError
+from stepdistill.methods.common import build_student
 from stepdistill.methods.ladd import LADDConfig, LADDMethod, student_timestep_set
 from stepdistill.solvers import uniform_call_sigmas
 from stepdistill.teacher import load_teacher
@@ -92,6 +93,30 @@ def test_full_student_pipeline_loads_with_its_few_step_scheduler(random_teachers
     assert any((a - b).abs().max() > 0 for a, b in zip(plain.model.parameters(), method.student_net.parameters()))
 
 
+def test_full_student_starts_from_another_pipelines_denoiser(random_teachers, tmp_path):
+    first = train(random_teachers / "sd3", tmp_path / "first", use_lora=False)
+    cfg = LADDConfig(use_lora=False)
+    teacher = load_teacher(random_teachers / "sd3", max_sequence_length=8)
+    student = build_student(teacher, cfg, init_from=str(tmp_path / "first" / "pipeline"))
+    expected, got = first.student_net.state_dict(), student.state_dict()
+    assert expected.keys() == got.keys() and all(torch.equal(got[k], expected[k].float()) for k in expected)
+    assert all(p.requires_grad for p in student.parameters())
+    assert any((a - b).abs().max() > 0 for a, b in zip(teacher.model.parameters(), student.parameters()))  # teacher untouched
+
+
+def test_student_init_from_a_folder_that_does_not_fit_is_refused(random_teachers, tmp_path):
+    from diffusers import SD3Transformer2DModel
+
+    teacher = load_teacher(random_teachers / "sd3", max_sequence_length=8)
+    cfg = LADDConfig(use_lora=False)
+    with pytest.raises(ConfigError, match=r"init_student_from='.*/sd' has no transformer/ folder"):
+        build_student(teacher, cfg, init_from=str(random_teachers / "sd"))
+    other = SD3Transformer2DModel.from_config({**teacher.model.config, "num_layers": teacher.model.config.num_layers + 1})
+    other.save_pretrained(tmp_path / "deeper" / "transformer")
+    with pytest.raises(ConfigError, match="does not match the teacher's architecture"):
+        build_student(teacher, cfg, init_from=str(tmp_path / "deeper"))
+
+
 def test_ladd_resume_reproduces_uninterrupted_run_with_discriminator_state(random_teachers, tmp_path):
     from safetensors.torch import load_file
 
@@ -120,6 +145,7 @@ def test_synthetic_cache_with_other_settings_is_refused(random_teachers, tmp_pat
     (dict(disc_learning_rate=0.0), "disc_learning_rate=0.0 must be positive"),
     (dict(renoise_std=0.0), "renoise_std=0.0"),
     (dict(synthetic_steps=0), "synthetic_steps=0"),
+    (dict(init_student_from="runs/pd/pipeline"), r"init_student_from='runs/pd/pipeline' needs use_lora=false"),
 ])
 def test_bad_ladd_options(overrides, match):
     with pytest.raises(ConfigError, match=match):

@@ -156,16 +156,22 @@ def write_validation(images_by_steps: dict[int, torch.Tensor], step: int, out_di
     return path
 
 
-def build_student(teacher: TeacherWrapper, cfg: Any, time_cond_proj_dim: int | None = None) -> torch.nn.Module:
+def build_student(teacher: TeacherWrapper, cfg: Any, time_cond_proj_dim: int | None = None,
+                  init_from: str | None = None) -> torch.nn.Module:
     """The trainable network of a LoRA or full-model method: a seeded adapter on the teacher network itself
-    (so the teacher is that network with the adapter disabled), or a copy of it next to the frozen teacher."""
+    (so the teacher is that network with the adapter disabled), or a copy of it next to the frozen teacher,
+    optionally starting from another pipeline's denoiser (``init_from``, e.g. an exported student)."""
     torch.manual_seed(cfg.seed)  # LoRA initialisation is random: seed it so runs (and resumes) agree
     if cfg.use_lora:
+        if init_from is not None:
+            raise ConfigError(f"init_student_from={init_from!r} needs use_lora=false: a LoRA student starts from the teacher")
         add_lora(teacher.model, cfg.lora_rank, cfg.lora_alpha, teacher.is_dit)
         student = teacher.model
     else:
         teacher.model.requires_grad_(False)
         student = full_student(teacher.model, time_cond_proj_dim)
+        if init_from is not None:
+            load_student_init(student, teacher, init_from)
     if cfg.gradient_checkpointing:
         student.enable_gradient_checkpointing()
     return student
@@ -195,3 +201,18 @@ def full_student(teacher_net: torch.nn.Module, time_cond_proj_dim: int | None) -
         student.time_embedding.cond_proj.weight.zero_()  # starts exactly as the teacher
     assert all("cond_proj" in name for name in missing), missing
     return student.requires_grad_(True).float()
+
+
+def load_student_init(student: torch.nn.Module, teacher: TeacherWrapper, folder: str) -> None:
+    """Copy the denoiser weights of a diffusers pipeline folder into ``student`` (same architecture as the
+    teacher's), so one method can refine another's student, e.g. LADD after progressive distillation."""
+    sub = "transformer" if teacher.is_dit else "unet"
+    if not (Path(folder) / sub).is_dir():
+        raise ConfigError(f"init_student_from={folder!r} has no {sub}/ folder; give a diffusers pipeline folder "
+                          "such as a full-model student's pipeline/ export")
+    source = type(teacher.model).from_pretrained(folder, subfolder=sub, use_safetensors=True, local_files_only=True)
+    try:
+        student.load_state_dict(source.state_dict())
+    except RuntimeError as error:
+        first = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
+        raise ConfigError(f"init_student_from={folder!r}: its {sub} does not match the teacher's architecture ({first})") from None

@@ -38,6 +38,7 @@ class LADDConfig(AdversarialOptions, LoopConfig):
     dataset: str | None = None  # prompts (and real images for real_data=real); default emoji32
     resolution: int = 32  # must match the teacher VAE's sample_size
     use_lora: bool = True  # LoRA student (True) or full-model student
+    init_student_from: str | None = None  # full-model student only: start from this pipeline folder's denoiser (e.g. a progressive student), not the teacher's
     lora_rank: int = 16  # LoRA rank
     lora_alpha: float = 16.0  # LoRA alpha
     student_steps: list[int] = field(default_factory=lambda: [1, 2, 4])  # trained for the union of these step grids
@@ -59,6 +60,8 @@ class LADDConfig(AdversarialOptions, LoopConfig):
             raise ConfigError(f"student_steps={self.student_steps} must be step counts in 1..{LCM_ORIGINAL_STEPS}")
         if self.use_lora and self.lora_rank < 1:
             raise ConfigError(f"lora_rank={self.lora_rank} must be at least 1")
+        if self.use_lora and self.init_student_from is not None:
+            raise ConfigError(f"init_student_from={self.init_student_from!r} needs use_lora=false: a LoRA student starts from the teacher")
         if self.adversarial_weight < 0 or self.distill_weight < 0 or self.adversarial_weight + self.distill_weight == 0:
             raise ConfigError(f"adversarial_weight={self.adversarial_weight}, distill_weight={self.distill_weight}: "
                               "need both >= 0 and at least one > 0")
@@ -86,7 +89,7 @@ class LADDMethod(LatentMethodBase):
         self.timesteps = student_timestep_set(teacher, cfg.student_steps)
         self.scaling = None if teacher.schedule.kind == "flow" else cfg.timestep_scaling_factor
         base = teacher.model
-        self.student_net = build_student(teacher, cfg)
+        self.student_net = build_student(teacher, cfg, init_from=cfg.init_student_from)
         self.adversarial = AdversarialTerm(teacher, base, cfg, cfg.use_lora, cfg.seed) if cfg.adversarial_weight > 0 else None
         self.synthetic: tuple[torch.Tensor, torch.Tensor] | None = None
 
