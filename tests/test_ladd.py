@@ -104,6 +104,33 @@ def test_full_student_starts_from_another_pipelines_denoiser(random_teachers, tm
     assert any((a - b).abs().max() > 0 for a, b in zip(teacher.model.parameters(), student.parameters()))  # teacher untouched
 
 
+def test_guidance_embedded_progressive_unet_student_is_refined_and_exported_at_its_w(random_teachers, tmp_path):
+    from stepdistill.methods.progressive import ProgressiveConfig, ProgressiveMethod
+
+    train_method(ProgressiveConfig, ProgressiveMethod, random_teachers / "sd", tmp_path / "pd", start_steps=2, end_steps=1,
+                 iterations_per_round=2, max_train_steps=0, w_min=2.0, w_max=2.0)
+    pd_student = tmp_path / "pd" / "pipeline"
+    assert json.loads((pd_student / "stepdistill_student.json").read_text())["guidance_scale"] == 3.0
+    method = train(random_teachers / "sd", tmp_path / "run", use_lora=False, init_student_from=str(pd_student),
+                   student_steps=[1, 2])
+    assert method.student_net.config.time_cond_proj_dim is not None and method.student_guidance == 3.0
+    meta = json.loads((tmp_path / "run" / "pipeline" / "stepdistill_student.json").read_text())
+    assert meta["guidance_scale"] == 3.0
+    assert "guidance_scale=3" in (tmp_path / "run" / "pipeline" / "README.md").read_text()
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "run" / "pipeline", dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    for steps in (1, 2):  # the pipeline feeds w = guidance_scale - 1 through timestep_cond, as our sampler does
+        ours = method.sample(method.student_net, ["fire", "sun"], steps, noise, seed=2)
+        theirs = pipe(["fire", "sun"], num_inference_steps=steps, guidance_scale=meta["guidance_scale"], latents=noise,
+                      output_type="latent", generator=torch.Generator().manual_seed(2)).images
+        torch.testing.assert_close(theirs, ours, atol=2e-4, rtol=1e-4)
+    without_w = method.teacher.with_model(method.student_net).predict(noise, torch.tensor(999), method.teacher.encode_prompts(["fire", "sun"]))
+    with_w = method.teacher.with_model(method.student_net).predict(noise, torch.tensor(999), method.teacher.encode_prompts(["fire", "sun"]),
+                                                                  **method.w_kwargs(noise))
+    assert (with_w.x0 - without_w.x0).abs().max() > 1e-4  # the embedding is live, so feeding it matters
+
+
 def test_student_init_from_a_folder_that_does_not_fit_is_refused(random_teachers, tmp_path):
     from diffusers import SD3Transformer2DModel
 

@@ -160,7 +160,8 @@ def build_student(teacher: TeacherWrapper, cfg: Any, time_cond_proj_dim: int | N
                   init_from: str | None = None) -> torch.nn.Module:
     """The trainable network of a LoRA or full-model method: a seeded adapter on the teacher network itself
     (so the teacher is that network with the adapter disabled), or a copy of it next to the frozen teacher,
-    optionally starting from another pipeline's denoiser (``init_from``, e.g. an exported student)."""
+    optionally starting from another pipeline's denoiser (``init_from``, e.g. an exported student; a UNet
+    student with a guidance embedding keeps it)."""
     torch.manual_seed(cfg.seed)  # LoRA initialisation is random: seed it so runs (and resumes) agree
     if cfg.use_lora:
         if init_from is not None:
@@ -169,9 +170,12 @@ def build_student(teacher: TeacherWrapper, cfg: Any, time_cond_proj_dim: int | N
         student = teacher.model
     else:
         teacher.model.requires_grad_(False)
+        source = load_init_denoiser(teacher, init_from) if init_from is not None else None
+        if source is not None and not teacher.is_dit:
+            time_cond_proj_dim = source.config.get("time_cond_proj_dim")
         student = full_student(teacher.model, time_cond_proj_dim)
-        if init_from is not None:
-            load_student_init(student, teacher, init_from)
+        if source is not None:
+            copy_init_weights(student, source, init_from)
     if cfg.gradient_checkpointing:
         student.enable_gradient_checkpointing()
     return student
@@ -203,16 +207,20 @@ def full_student(teacher_net: torch.nn.Module, time_cond_proj_dim: int | None) -
     return student.requires_grad_(True).float()
 
 
-def load_student_init(student: torch.nn.Module, teacher: TeacherWrapper, folder: str) -> None:
-    """Copy the denoiser weights of a diffusers pipeline folder into ``student`` (same architecture as the
-    teacher's), so one method can refine another's student, e.g. LADD after progressive distillation."""
+def load_init_denoiser(teacher: TeacherWrapper, folder: str) -> torch.nn.Module:
+    """The denoiser of a diffusers pipeline folder, loaded as the teacher's model class (safetensors only)."""
     sub = "transformer" if teacher.is_dit else "unet"
     if not (Path(folder) / sub).is_dir():
         raise ConfigError(f"init_student_from={folder!r} has no {sub}/ folder; give a diffusers pipeline folder "
                           "such as a full-model student's pipeline/ export")
-    source = type(teacher.model).from_pretrained(folder, subfolder=sub, use_safetensors=True, local_files_only=True)
+    return type(teacher.model).from_pretrained(folder, subfolder=sub, use_safetensors=True, local_files_only=True)
+
+
+def copy_init_weights(student: torch.nn.Module, source: torch.nn.Module, folder: str) -> None:
+    """Copy every weight of ``source`` into ``student``; a different architecture is a one-line error."""
     try:
         student.load_state_dict(source.state_dict())
     except RuntimeError as error:
-        first = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
-        raise ConfigError(f"init_student_from={folder!r}: its {sub} does not match the teacher's architecture ({first})") from None
+        lines = str(error).splitlines()
+        detail = lines[1].strip() if len(lines) > 1 else lines[0]
+        raise ConfigError(f"init_student_from={folder!r}: its denoiser does not match the teacher's architecture ({detail})") from None

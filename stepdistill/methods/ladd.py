@@ -22,7 +22,8 @@ from stepdistill.methods.adversarial import AdversarialOptions, AdversarialTerm
 from stepdistill.methods.common import LatentMethodBase, LatentPromptData, build_student, write_validation
 from stepdistill.methods.export import STUDENT_META, sampling_grid_meta, write_lora, write_model_card
 from stepdistill.methods.synthetic import cached_teacher_latents
-from stepdistill.solvers import consistency_output, few_step_timesteps, sample_consistency, uniform_call_sigmas
+from stepdistill.solvers import (consistency_output, few_step_timesteps, guidance_scale_embedding, sample_consistency,
+                                 uniform_call_sigmas)
 from stepdistill.teacher import TeacherWrapper
 from stepdistill.training.loop import LoopConfig
 from stepdistill.training.step_random import StepRandom
@@ -78,6 +79,16 @@ def student_timestep_set(teacher: TeacherWrapper, step_counts: list[int]) -> tor
     return torch.unique(torch.cat(grids)).flip(0)
 
 
+def init_student_guidance(folder: str) -> float:
+    """The guidance scale a guidance-embedded student was exported for (its ``stepdistill_student.json``);
+    the pipeline feeds the UNet w = guidance_scale - 1 through ``timestep_cond``, so LADD keeps that w."""
+    meta_file = Path(folder) / STUDENT_META
+    if not meta_file.is_file():
+        raise ConfigError(f"init_student_from={folder!r} has a guidance-embedded UNet but no {STUDENT_META} saying "
+                          "its guidance_scale; give a stepdistill pipeline export")
+    return float(json.loads(meta_file.read_text()).get("guidance_scale", 1.0))
+
+
 class LADDMethod(LatentMethodBase):
     """The LADD generator/discriminator step and export for the shared loop."""
 
@@ -90,6 +101,8 @@ class LADDMethod(LatentMethodBase):
         self.scaling = None if teacher.schedule.kind == "flow" else cfg.timestep_scaling_factor
         base = teacher.model
         self.student_net = build_student(teacher, cfg, init_from=cfg.init_student_from)
+        self.guidance_dim = None if teacher.is_dit else self.student_net.config.time_cond_proj_dim
+        self.student_guidance = init_student_guidance(cfg.init_student_from) if self.guidance_dim else 1.0
         self.adversarial = AdversarialTerm(teacher, base, cfg, cfg.use_lora, cfg.seed) if cfg.adversarial_weight > 0 else None
         self.synthetic: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -136,7 +149,8 @@ class LADDMethod(LatentMethodBase):
         x_t = alpha * x0 + sigma * noise
         start_noise = batch.get("pair_noise", noise)  # inference starts from pure noise at the noisiest timestep
         x_t = torch.where((t == self.timesteps[0]).view(-1, 1, 1, 1), start_noise, x_t)
-        fake = consistency_output(x_t, self.teacher.with_model(model).predict(x_t, t, embeds), t, self.scaling)
+        fake = consistency_output(x_t, self.teacher.with_model(model).predict(x_t, t, embeds, **self.w_kwargs(x_t)), t,
+                                  self.scaling)
         loss, logs = fake.new_zeros(()), {}
         if self.adversarial is not None:
             g_loss, logs = self.adversarial.student_term(batch.get("real_latents", x0), fake, embeds, rand)
@@ -146,6 +160,13 @@ class LADDMethod(LatentMethodBase):
             loss = loss + self.cfg.distill_weight * regression
             logs["distill_loss"] = regression.detach()
         return loss, logs
+
+    def w_kwargs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The guidance embedding a UNet student started from a guidance-distilled one keeps getting, at its w."""
+        if not self.guidance_dim:
+            return {}
+        w = torch.full((x.shape[0],), self.student_guidance - 1.0)
+        return {"timestep_cond": guidance_scale_embedding(w, self.guidance_dim).to(x.device)}
 
     def after_optimizer_step(self, model: torch.nn.Module) -> None:
         pass
@@ -161,7 +182,7 @@ class LADDMethod(LatentMethodBase):
         embeds = student.encode_prompts(prompts)
         was_training = model.training
         model.eval()
-        out = sample_consistency(lambda x, t: student.predict(x, t, embeds), noise,
+        out = sample_consistency(lambda x, t: student.predict(x, t, embeds, **self.w_kwargs(x)), noise,
                                  few_step_timesteps(self.teacher.schedule, steps, LCM_ORIGINAL_STEPS),
                                  self.teacher.schedule, torch.Generator().manual_seed(seed), self.scaling)
         model.train(was_training)
@@ -195,9 +216,9 @@ class LADDMethod(LatentMethodBase):
             export.register_modules(scheduler=scheduler_cls.from_config(self.teacher.pipe.scheduler.config, **kwargs))
             export.register_modules(**{"transformer" if self.teacher.is_dit else "unet": model})
             export.save_pretrained(out_dir, safe_serialization=True)
-            meta = {"method": "ladd", "guidance_scale": 1.0, **grid_meta}
+            meta = {"method": "ladd", "guidance_scale": self.student_guidance, **grid_meta}
             (out_dir / STUDENT_META).write_text(json.dumps(meta))
         setup = f"{name}.from_config(pipe.scheduler.config, " + ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) + ")"
         sigmas = uniform_call_sigmas(steps) if grid_meta else None
-        write_model_card(out_dir, self.cfg, self.teacher, lora=self.cfg.use_lora, steps=steps, guidance_scale=1.0,
+        write_model_card(out_dir, self.cfg, self.teacher, lora=self.cfg.use_lora, steps=steps, guidance_scale=self.student_guidance,
                          scheduler_setup=setup, call_sigmas=sigmas)
