@@ -76,22 +76,25 @@ def measure_trainer(trainer: str, out: Path, batch: int, warmup: int, steps: int
 
 # --- sampling latency --------------------------------------------------------------------------------------
 def measure_sampling(teacher: str, students: list[str], steps: list[int], batch_sizes: list[int],
-                     repeats: int = 5) -> tuple[list[dict], list[dict]]:
-    """Median latency per image (text encoding and VAE decode included) of the teacher (DDIM-50, CFG 4) and
-    each student at every step count and images-per-call batch size, with the speed-up over the teacher at
-    the same batch size; and, per batch size, the call's parts timed alone with the speed-up they imply."""
+                     repeats: int = 5, max_sequence_length: int = 8) -> tuple[list[dict], list[dict]]:
+    """Median latency per image (text encoding and VAE decode included) of the teacher (50 steps, CFG 4: DDIM,
+    or Euler for a flow teacher) and each student at every step count and images-per-call batch size, with the
+    speed-up over the teacher at the same batch size; and, per batch size, the call's parts timed alone with
+    the speed-up they imply."""
     from stepdistill.evaluation.generate import Generator, load_student, shared_noise, teacher_solver
     from stepdistill.evaluation.sampling_parts import predicted_speedup, sampling_parts_ms
     from stepdistill.teacher import load_teacher
     from stepdistill.testbed import resolve_teacher_path
 
     path = resolve_teacher_path(teacher)
-    wrapper = load_teacher(path)
+    wrapper = load_teacher(path, max_sequence_length=max_sequence_length)
     noise = shared_noise(wrapper, max(batch_sizes), 0)
-    wrapper.pipe.scheduler = teacher_solver(wrapper.pipe, "ddim")
-    generators = [("teacher DDIM, CFG 4", Generator("teacher", wrapper.pipe, 4.0, {}), [50])]
+    solver = "euler" if wrapper.schedule.kind == "flow" else "ddim"  # DDIM has no flow-matching form in diffusers
+    wrapper.pipe.scheduler = teacher_solver(wrapper.pipe, solver)
+    call = {"max_sequence_length": max_sequence_length} if wrapper.is_dit else {}  # as the sweep and the trainers
+    generators = [(f"teacher {solver.upper() if solver == 'ddim' else 'Euler'}, CFG 4", Generator("teacher", wrapper.pipe, 4.0, call), [50])]
     for spec in students:
-        generators.append((spec.split("=")[0], load_student(spec, path, {}), steps))  # LoRA students fused, as deployed
+        generators.append((spec.split("=")[0], load_student(spec, path, call), steps))  # LoRA students fused, as deployed
     rows, teacher_ms, parts_rows = [], {}, []
     for batch in batch_sizes:
         if students:  # no student, no speed-up to explain
@@ -260,6 +263,8 @@ def main() -> None:
     parser.add_argument("--sampling_batch_sizes", default="1",
                         help="images per pipeline call for the sampling part, e.g. 1,16 (latency is per image)")
     parser.add_argument("--sampling_repeats", type=int, default=5, help="timed calls per sampling row (median)")
+    parser.add_argument("--max_sequence_length", type=int, default=8,
+                        help="SD3-class teachers: zero-T5 tokens per prompt, as in the sweep (testbed DiT: 8)")
     parser.add_argument("--reference_script", help="diffusers' train_lcm_distill_lora_sd_wds.py (reference part)")
     parser.add_argument("--reference_pairs", type=int, default=1,
                         help="reference part: back-to-back pairs of runs (reference, then ours); medians are reported")
@@ -314,7 +319,8 @@ def main() -> None:
                   f"peak RSS {row['peak_rss_mib']:.0f} MiB", flush=True)
     if "sampling" in parts:
         report["sampling"], report["sampling_parts"] = measure_sampling(args.teacher, args.students, sampling_steps,
-                                                                        batch_sizes, args.sampling_repeats)
+                                                                        batch_sizes, args.sampling_repeats,
+                                                                        args.max_sequence_length)
         for row in report["sampling"]:
             print(f"{row['model']:24s} {row['steps']:3d} steps  {row['images_per_call']:3d} per call  "
                   f"{row['latency_ms']:8.1f} ms/image  {row['speedup_vs_teacher']:5.1f}x", flush=True)

@@ -46,3 +46,13 @@ def test_dit_ladd_recipe_is_the_measured_run():
     same = ("lora_rank", "learning_rate", "adversarial_weight", "distill_weight", "train_batch_size", "synthetic_steps",
             "synthetic_guidance_scale", "timestep_warmup_steps", "disc_learning_rate", "gan_loss", "seed")
     assert [getattr(dit, k) for k in same] == [getattr(unet, k) for k in same]
+
+
+def test_dit_ladd_refine_recipe_is_the_measured_run():
+    refine = load_config(LADDConfig, CONFIGS / "ladd_refine_tiny_sd3.yaml")
+    progressive = load_config(ProgressiveConfig, CONFIGS / "progressive_tiny_sd3.yaml")
+    # it starts from the 1-step round that progressive_tiny_sd3.yaml writes by default
+    assert refine.init_student_from == f"{progressive.output_dir}/rounds/round-3-1steps" and progressive.end_steps == 1
+    measured = dict(use_lora=False, student_steps=[1], timestep_warmup_steps=0, learning_rate=1e-5, adversarial_weight=0.5,
+                    distill_weight=1.0, max_train_steps=400, train_batch_size=32, synthetic_steps=25, synthetic_guidance_scale=4.0)
+    assert {k: getattr(refine, k) for k in measured} == measured

@@ -239,3 +239,17 @@ def test_predicted_speedup_from_parts():
     assert got["with_fixed_costs"] == pytest.approx((2 + 50 * 20 + 5) / (1 + 4 * 10 + 5))
     cheap_cfg = predicted_speedup({**parts, "cfg_pass": 12.0}, student_steps=4)
     assert cheap_cfg["network_only"] == pytest.approx(15.0)  # a CFG pass at 1.2 passes caps it at 15x
+
+
+def test_sampling_benchmark_times_a_flow_teacher_with_euler():
+    """DDIM has no flow-matching form in diffusers, so a DiT teacher's 50-step row is Euler (it used to be refused)."""
+    from importlib.util import module_from_spec, spec_from_file_location
+
+    spec = spec_from_file_location("benchmark_speed", Path(__file__).resolve().parents[1] / "eval" / "benchmark_speed.py")
+    bench = module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows, parts = bench.measure_sampling("tiny-sd3", [], [4], [1], repeats=1)
+    assert [(r["model"], r["steps"], r["images_per_call"]) for r in rows] == [("teacher Euler, CFG 4", 50, 1)]
+    assert rows[0]["latency_ms"] > 0 and rows[0]["speedup_vs_teacher"] == 1.0 and parts == []
+    rows, _ = bench.measure_sampling("tiny-sd", [], [4], [1], repeats=1)
+    assert rows[0]["model"] == "teacher DDIM, CFG 4"
