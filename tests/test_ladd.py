@@ -200,3 +200,22 @@ def test_real_data_feeds_the_discriminator_and_teacher_pairs_feed_the_regression
     method.adversarial.discriminator_step = lambda real, *rest: seen.append(real) or step(real, *rest)
     method.compute_loss(method.student_net, batch, StepRandom(0, 50, 0, 1, 2, torch.device("cpu")))
     assert torch.equal(seen[0], dataset)
+
+
+def test_regression_can_be_kept_to_the_noisiest_timestep(random_teachers, tmp_path):
+    """Below t_max the regression target is a noised data latent's own x0, whose best estimate is a blurry
+    posterior mean; with ``distill_timesteps=noisiest`` only the (noise -> teacher sample) pairs are regressed."""
+    from stepdistill.training.step_random import StepRandom
+
+    method = train(random_teachers / "sd", tmp_path / "run", max_train_steps=1, adversarial_weight=0.0, distill_weight=1.0)
+    batch = method.make_batch([0, 1, 2, 3], torch.device("cpu"))
+
+    def regression(where: str, index: int) -> float:
+        method.cfg.distill_timesteps = where
+        one_hot = torch.zeros(len(method.timesteps))
+        one_hot[index] = 1.0
+        method.timestep_probabilities = lambda step: one_hot
+        return method.compute_loss(method.student_net, batch, StepRandom(0, 7, 0, 1, 4, torch.device("cpu")))[1]["distill_loss"].item()
+
+    assert regression("noisiest", 0) == pytest.approx(regression("all", 0)) and regression("all", 0) > 0
+    assert regression("all", 2) > 0 and regression("noisiest", 2) == 0.0

@@ -49,6 +49,7 @@ class LADDConfig(AdversarialOptions, LoopConfig):
     synthetic_guidance_scale: float = 4.0  # teacher CFG scale for synthetic latents
     adversarial_weight: float = 1.0  # weight of the generator loss
     distill_weight: float = 0.0  # weight of the regression term towards the data latent (teacher pairs at t_max)
+    distill_timesteps: Literal["all", "noisiest"] = "all"  # where the regression applies; below t_max its target is a posterior mean (blur)
     timestep_scaling_factor: float = 10.0  # vp: LCMScheduler's boundary scaling, so the export samples identically
     gradient_checkpointing: bool = False  # trade compute for memory on big teachers
     enable_xformers_memory_efficient_attention: bool = False  # GPU only
@@ -156,7 +157,10 @@ class LADDMethod(LatentMethodBase):
             g_loss, logs = self.adversarial.student_term(batch.get("real_latents", x0), fake, embeds, rand)
             loss = loss + self.cfg.adversarial_weight * g_loss
         if self.cfg.distill_weight > 0:
-            regression = torch.nn.functional.mse_loss(fake.float(), x0.float())
+            per_sample = (fake.float() - x0.float()).square().flatten(1).mean(1)
+            if self.cfg.distill_timesteps == "noisiest":  # only there is (noise -> teacher sample) a deterministic pair
+                per_sample = per_sample * (t == self.timesteps[0]).float()
+            regression = per_sample.mean()
             loss = loss + self.cfg.distill_weight * regression
             logs["distill_loss"] = regression.detach()
         return loss, logs
