@@ -92,7 +92,8 @@ def measure_sampling(teacher: str, students: list[str], steps: list[int], batch_
     solver = "euler" if wrapper.schedule.kind == "flow" else "ddim"  # DDIM has no flow-matching form in diffusers
     wrapper.pipe.scheduler = teacher_solver(wrapper.pipe, solver)
     call = {"max_sequence_length": max_sequence_length} if wrapper.is_dit else {}  # as the sweep and the trainers
-    generators = [(f"teacher {solver.upper() if solver == 'ddim' else 'Euler'}, CFG 4", Generator("teacher", wrapper.pipe, 4.0, call), [50])]
+    label = {"ddim": "DDIM", "euler": "Euler"}[solver]
+    generators = [(f"teacher {label}, CFG 4", Generator("teacher", wrapper.pipe, 4.0, call), [50])]
     for spec in students:
         generators.append((spec.split("=")[0], load_student(spec, path, call), steps))  # LoRA students fused, as deployed
     rows, teacher_ms, parts_rows = [], {}, []

@@ -1,7 +1,6 @@
 """Generate image sets for the sweep with the pipelines themselves, so rows show what a user gets."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +10,7 @@ from diffusers import DiffusionPipeline
 
 from stepdistill.errors import ConfigError, ModelError
 from stepdistill.evaluation.sampling_parts import median_ms
-from stepdistill.methods.export import SIGMA_GRID_KEY, STUDENT_META
+from stepdistill.methods.export import SIGMA_GRID_KEY, STUDENT_META, read_student_meta
 from stepdistill.sampling import initial_noise
 from stepdistill.solvers import uniform_call_sigmas
 from stepdistill.teacher import TeacherWrapper, load_teacher
@@ -79,7 +78,7 @@ def load_student(spec: str, teacher_path: Path, call_kwargs: dict) -> Generator:
     if not sep or not name:
         raise ConfigError(f"student {spec!r} must look like name=path/to/lora_or_pipeline")
     folder = Path(path)
-    meta = json.loads((folder / STUDENT_META).read_text()) if (folder / STUDENT_META).is_file() else {}
+    meta = read_student_meta(folder)
     if (folder / LORA_FILE).is_file():
         pipe = load_teacher(teacher_path).pipe
         check_lora_fits(folder, pipe, meta)

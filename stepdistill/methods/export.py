@@ -19,6 +19,12 @@ TMP_PREFIX = ".tmp-"  # replace_folder writes into this sibling of the final fol
 SIGMA_GRID_KEY = "sigma_grid"  # in STUDENT_META: "uniform" means call with sigmas=uniform_call_sigmas(N)
 
 
+def read_student_meta(folder: Path | str) -> dict[str, Any]:
+    """A student folder's ``stepdistill_student.json`` (scheduler, guidance scale, sigma grid); {} if absent."""
+    path = Path(folder) / STUDENT_META
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def sampling_grid_meta(teacher: TeacherWrapper) -> dict[str, Any]:
     """STUDENT_META entries a pipeline call needs beyond the scheduler: flow students of every trainer sample
     on the uniform grid of ``solvers.uniform_call_sigmas``."""

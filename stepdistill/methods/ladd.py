@@ -20,7 +20,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, LCMScheduler
 from stepdistill.errors import ConfigError
 from stepdistill.methods.adversarial import AdversarialOptions, AdversarialTerm
 from stepdistill.methods.common import LatentMethodBase, LatentPromptData, build_student, write_validation
-from stepdistill.methods.export import STUDENT_META, sampling_grid_meta, write_lora, write_model_card
+from stepdistill.methods.export import STUDENT_META, read_student_meta, sampling_grid_meta, write_lora, write_model_card
 from stepdistill.methods.synthetic import cached_teacher_latents
 from stepdistill.solvers import (consistency_output, few_step_timesteps, guidance_scale_embedding, sample_consistency,
                                  uniform_call_sigmas)
@@ -83,11 +83,11 @@ def student_timestep_set(teacher: TeacherWrapper, step_counts: list[int]) -> tor
 def init_student_guidance(folder: str) -> float:
     """The guidance scale a guidance-embedded student was exported for (its ``stepdistill_student.json``);
     the pipeline feeds the UNet w = guidance_scale - 1 through ``timestep_cond``, so LADD keeps that w."""
-    meta_file = Path(folder) / STUDENT_META
-    if not meta_file.is_file():
+    meta = read_student_meta(folder)
+    if "guidance_scale" not in meta:
         raise ConfigError(f"init_student_from={folder!r} has a guidance-embedded UNet but no {STUDENT_META} saying "
                           "its guidance_scale; give a stepdistill pipeline export")
-    return float(json.loads(meta_file.read_text()).get("guidance_scale", 1.0))
+    return float(meta["guidance_scale"])
 
 
 class LADDMethod(LatentMethodBase):
@@ -104,6 +104,9 @@ class LADDMethod(LatentMethodBase):
         self.student_net = build_student(teacher, cfg, init_from=cfg.init_student_from)
         self.guidance_dim = None if teacher.is_dit else self.student_net.config.time_cond_proj_dim
         self.student_guidance = init_student_guidance(cfg.init_student_from) if self.guidance_dim else 1.0
+        # w is fixed for the whole run: embed it once, not on every forward pass
+        self.w_embedding = (guidance_scale_embedding(torch.tensor([self.student_guidance - 1.0]), self.guidance_dim)
+                            if self.guidance_dim else None)
         self.adversarial = AdversarialTerm(teacher, base, cfg, cfg.use_lora, cfg.seed) if cfg.adversarial_weight > 0 else None
         self.synthetic: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -167,10 +170,9 @@ class LADDMethod(LatentMethodBase):
 
     def w_kwargs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The guidance embedding a UNet student started from a guidance-distilled one keeps getting, at its w."""
-        if not self.guidance_dim:
+        if self.w_embedding is None:
             return {}
-        w = torch.full((x.shape[0],), self.student_guidance - 1.0)
-        return {"timestep_cond": guidance_scale_embedding(w, self.guidance_dim).to(x.device)}
+        return {"timestep_cond": self.w_embedding.to(x.device).expand(x.shape[0], -1)}
 
     def after_optimizer_step(self, model: torch.nn.Module) -> None:
         pass
