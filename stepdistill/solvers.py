@@ -86,6 +86,15 @@ def sampling_grid(schedule: NoiseSchedule, num_steps: int, spacing: str = "trail
     return torch.cat([steps, torch.tensor([-1])]).float()
 
 
+def deterministic_grid(schedule: NoiseSchedule, num_steps: int) -> torch.Tensor:
+    """The N-step grid a deterministic few-step student samples on, end point included: trailing DDIM (vp,
+    what ``DDIMScheduler(timestep_spacing="trailing")`` samples) or Euler on the uniform flow grid of
+    :func:`uniform_call_sigmas` (flow; diffusers' default grid wastes its last step)."""
+    if schedule.kind == "flow":
+        return torch.cat([few_step_timesteps(schedule, num_steps), torch.zeros(1)])
+    return sampling_grid(schedule, num_steps, "trailing")
+
+
 def halving_pairs(student_steps: int, schedule: NoiseSchedule) -> tuple[torch.Tensor, torch.Tensor]:
     """Progressive distillation grids (Salimans & Ho 2022, alg. 2): the student's N-step sampling grid and a
     2N-step teacher grid in which student step i spans teacher steps 2i and 2i+1.
@@ -94,12 +103,7 @@ def halving_pairs(student_steps: int, schedule: NoiseSchedule) -> tuple[torch.Te
     samples. Flow: the uniform grids of :func:`uniform_call_sigmas`, which nest too; diffusers' default N-step
     grid neither nests in its 2N-step one nor ends with a useful step.
     """
-    if schedule.kind == "flow":
-        end = torch.zeros(1)
-        return (torch.cat([few_step_timesteps(schedule, student_steps), end]),
-                torch.cat([few_step_timesteps(schedule, 2 * student_steps), end]))
-    student = sampling_grid(schedule, student_steps, "trailing")
-    teacher = sampling_grid(schedule, 2 * student_steps, "trailing")
+    student, teacher = deterministic_grid(schedule, student_steps), deterministic_grid(schedule, 2 * student_steps)
     if not torch.equal(teacher[::2], student):
         raise ConfigError(f"trailing grids of {student_steps} and {2 * student_steps} steps do not nest; choose another step count")
     return student, teacher

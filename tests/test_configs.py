@@ -27,7 +27,7 @@ def test_best_progressive_recipe_plans_guidance_then_one_long_round():
     phases = plan_phases(cfg)
     assert [(p.kind, p.student_steps, p.first_step, p.end_step) for p in phases] == [
         ("guidance", 8, 0, 600), ("halving", 4, 600, 2600)]
-    assert cfg.lr_per_round and cfg.teacher_precision == "bf16" and cfg.max_train_steps == 2600
+    assert cfg.lr_per_round and cfg.teacher_precision == "auto" and cfg.max_train_steps == 2600
 
 
 def test_dit_progressive_recipe_halves_from_16_to_1_without_guidance_stage():

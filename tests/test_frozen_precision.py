@@ -88,3 +88,22 @@ def test_bf16_teacher_moves_the_lcm_loss_by_rounding_only(random_teachers, tmp_p
 def test_unknown_teacher_precision_is_refused():
     with pytest.raises(ConfigError, match="teacher_precision.*fp8"):
         parse_cli(LCMConfig, ["--teacher_precision", "fp8"])
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_uses_bf16_only_where_the_hardware_does_bf16_math(monkeypatch, native):
+    from stepdistill.methods import common
+
+    monkeypatch.setattr(common, "has_native_bf16", lambda device_type: native)
+    with LCMConfig(teacher_precision="auto").frozen_autocast(torch.device("cpu")):
+        in_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    assert in_bf16 == native
+
+
+def test_bf16_asked_for_on_a_cpu_that_emulates_it_warns_and_is_still_honoured(monkeypatch):
+    from stepdistill.methods import common
+
+    monkeypatch.setattr(common, "has_native_bf16", lambda device_type: False)
+    with pytest.warns(UserWarning, match="teacher_precision=bf16 on a cpu without native bf16"):
+        with LCMConfig(teacher_precision="bf16").frozen_autocast(torch.device("cpu")):
+            assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, LCMScheduler, StableDiffusion3Pipeline, StableDiffusionPipeline
+from diffusers import (DDIMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, LCMScheduler, StableDiffusion3Pipeline,
+                       StableDiffusionPipeline)
 
 from method_runs import train_method
 from stepdistill.errors import ConfigError
@@ -219,3 +220,59 @@ def test_regression_can_be_kept_to_the_noisiest_timestep(random_teachers, tmp_pa
 
     assert regression("noisiest", 0) == pytest.approx(regression("all", 0)) and regression("all", 0) > 0
     assert regression("all", 2) > 0 and regression("noisiest", 2) == 0.0
+
+
+def test_deterministic_student_states_are_the_trailing_ddim_grids(random_teachers, tmp_path):
+    method = train(random_teachers / "sd", tmp_path / "run", max_train_steps=1, student_sampler="deterministic")
+    assert [int(grid[k]) for grid, k in method.states] == [999, 499, 749, 499, 249]  # noise once, then 2- and 4-step
+    assert method.timestep_probabilities(0).tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]
+    ddim = DDIMScheduler.from_config(method.teacher.pipe.scheduler.config, timestep_spacing="trailing")
+    ddim.set_timesteps(4)
+    assert method.states[2][0][:-1].tolist() == ddim.timesteps.tolist()
+
+
+def test_deterministic_inputs_are_where_the_students_own_sampler_stands(random_teachers, tmp_path):
+    """Backward simulation: a row drawn at step k of the N-step grid gets the student's own DDIM latent there."""
+    from stepdistill.solvers import sample_ddim
+
+    method = train(random_teachers / "sd", tmp_path / "run", max_train_steps=2, student_sampler="deterministic")
+    noise = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(6))
+    embeds = method.teacher.encode_prompts(["fire", "sun", "rocket", "moon"])
+    picks = torch.tensor([0, 1, 4, 3])  # noise; 2-step grid after 1 step; 4-step grid after 3 and after 2 steps
+    x, t = method.simulated_inputs(method.student_net, noise, embeds, picks)
+    assert t.tolist() == [999, 499, 249, 499]
+    student = method.teacher.with_model(method.student_net)
+    for row, pick in enumerate(picks.tolist()):
+        grid, k = method.states[pick]
+        one = embeds.index(torch.tensor([row]))
+        expected = sample_ddim(lambda z, s: student.predict(z, s, one), noise[row:row + 1], grid[:k + 1], method.teacher.schedule)
+        torch.testing.assert_close(x[row:row + 1], expected, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(x[2], noise[2])
+
+
+@pytest.mark.parametrize("kind,use_lora", [("sd", True), ("sd", False), ("sd3", True)])
+def test_deterministic_student_exports_ddim_or_euler_and_a_fresh_pipeline_reproduces_it(random_teachers, tmp_path, kind, use_lora):
+    import diffusers
+
+    method = train(random_teachers / kind, tmp_path / "run", student_sampler="deterministic", use_lora=use_lora)
+    folder = tmp_path / "run" / ("lora" if use_lora else "pipeline")
+    meta = json.loads((folder / "stepdistill_student.json").read_text())
+    extra = {"text_encoder_3": None, "tokenizer_3": None} if kind == "sd3" else {}
+    if use_lora:
+        assert meta["scheduler"] == ("FlowMatchEulerDiscreteScheduler" if kind == "sd3" else "DDIMScheduler")
+        pipe = DiffusionPipeline.from_pretrained(random_teachers / kind, dtype=torch.float32, **extra)
+        pipe.load_lora_weights(str(folder))
+        pipe.scheduler = getattr(diffusers, meta["scheduler"]).from_config(pipe.scheduler.config, **meta["scheduler_kwargs"])
+    else:
+        pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch.float32, **extra)
+        assert isinstance(pipe.scheduler, DDIMScheduler) and pipe.scheduler.config.timestep_spacing == "trailing"
+    pipe.set_progress_bar_config(disable=True)
+    call = {"max_sequence_length": 8} if kind == "sd3" else {}
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(8))
+    for steps in (1, 2, 4):
+        ours = method.sample(method.student_net, ["fire", "sun"], steps, noise)
+        theirs = pipe(["fire", "sun"], num_inference_steps=steps, guidance_scale=1.0, latents=noise, output_type="latent",
+                      **grid_kwargs(meta, steps), **call).images
+        torch.testing.assert_close(theirs, ours, atol=2e-4, rtol=1e-4)
+    card = (folder / "README.md").read_text()
+    assert ("DDIMScheduler" in card) == (use_lora and kind == "sd")

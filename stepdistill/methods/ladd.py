@@ -13,18 +13,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import diffusers
 import torch
 from accelerate import Accelerator
-from diffusers import FlowMatchEulerDiscreteScheduler, LCMScheduler
 
 from stepdistill.errors import ConfigError
 from stepdistill.methods.adversarial import AdversarialOptions, AdversarialTerm
 from stepdistill.methods.common import LatentMethodBase, LatentPromptData, build_student, write_validation
 from stepdistill.methods.export import STUDENT_META, read_student_meta, sampling_grid_meta, write_lora, write_model_card
 from stepdistill.methods.synthetic import cached_teacher_latents
-from stepdistill.solvers import (consistency_output, few_step_timesteps, guidance_scale_embedding, sample_consistency,
-                                 uniform_call_sigmas)
-from stepdistill.teacher import TeacherWrapper
+from stepdistill.solvers import (consistency_output, ddim_step, deterministic_grid, few_step_timesteps,
+                                 guidance_scale_embedding, sample_consistency, sample_ddim, uniform_call_sigmas)
+from stepdistill.schedule import NoiseSchedule
+from stepdistill.teacher import PromptEmbeds, TeacherWrapper
 from stepdistill.training.loop import LoopConfig
 from stepdistill.training.step_random import StepRandom
 
@@ -43,13 +44,14 @@ class LADDConfig(AdversarialOptions, LoopConfig):
     lora_rank: int = 16  # LoRA rank
     lora_alpha: float = 16.0  # LoRA alpha
     student_steps: list[int] = field(default_factory=lambda: [1, 2, 4])  # trained for the union of these step grids
+    student_sampler: Literal["stochastic", "deterministic"] = "stochastic"  # re-noise between steps (LCM / stochastic flow) or DDIM / Euler, inputs simulated by the student
     timestep_warmup_steps: int = 200  # student timesteps start at the noisiest only, reach uniform after this
     real_data: Literal["synthetic", "real"] = "synthetic"  # the discriminator's 'real' side: teacher samples or the dataset
     synthetic_steps: int = 25  # teacher solver steps per synthetic latent
     synthetic_guidance_scale: float = 4.0  # teacher CFG scale for synthetic latents
     adversarial_weight: float = 1.0  # weight of the generator loss
     distill_weight: float = 0.0  # weight of the regression term towards the data latent (teacher pairs at t_max)
-    distill_timesteps: Literal["all", "noisiest"] = "all"  # where the regression applies; below t_max its target is a posterior mean (blur)
+    distill_timesteps: Literal["all", "noisiest"] = "all"  # where the regression applies; stochastic sampler: below t_max its target is a posterior mean (blur)
     timestep_scaling_factor: float = 10.0  # vp: LCMScheduler's boundary scaling, so the export samples identically
     gradient_checkpointing: bool = False  # trade compute for memory on big teachers
     enable_xformers_memory_efficient_attention: bool = False  # GPU only
@@ -80,6 +82,16 @@ def student_timestep_set(teacher: TeacherWrapper, step_counts: list[int]) -> tor
     return torch.unique(torch.cat(grids)).flip(0)
 
 
+def deterministic_states(schedule: NoiseSchedule, step_counts: list[int]) -> list[tuple[torch.Tensor, int]]:
+    """(grid, k) for every input a deterministic student sees: step k of its N-step grid, for each N. Step 0
+    (pure noise at the noisiest timestep) is the same for every N, so it is listed once, first."""
+    states = [(deterministic_grid(schedule, max(step_counts)), 0)]
+    for n in sorted(set(step_counts)):
+        grid = deterministic_grid(schedule, n)
+        states += [(grid, k) for k in range(1, n)]
+    return states
+
+
 def init_student_guidance(folder: str) -> float:
     """The guidance scale a guidance-embedded student was exported for (its ``stepdistill_student.json``);
     the pipeline feeds the UNet w = guidance_scale - 1 through ``timestep_cond``, so LADD keeps that w."""
@@ -98,8 +110,11 @@ class LADDMethod(LatentMethodBase):
     def __init__(self, cfg: LADDConfig, teacher: TeacherWrapper, data: LatentPromptData):
         self.cfg, self.teacher, self.data = cfg, teacher, data
         self.export_name = "lora" if cfg.use_lora else "pipeline"
+        self.deterministic = cfg.student_sampler == "deterministic"
         self.timesteps = student_timestep_set(teacher, cfg.student_steps)
-        self.scaling = None if teacher.schedule.kind == "flow" else cfg.timestep_scaling_factor
+        self.states = deterministic_states(teacher.schedule, cfg.student_steps) if self.deterministic else None
+        # LCM's boundary scalings only where the export samples with LCMScheduler; DDIM and flow use x0 itself
+        self.scaling = None if teacher.schedule.kind == "flow" or self.deterministic else cfg.timestep_scaling_factor
         base = teacher.model
         self.student_net = build_student(teacher, cfg, init_from=cfg.init_student_from)
         self.guidance_dim = None if teacher.is_dit else self.student_net.config.time_cond_proj_dim
@@ -136,8 +151,9 @@ class LADDMethod(LatentMethodBase):
         return batch
 
     def timestep_probabilities(self, step: int) -> torch.Tensor:
-        """Warm-up of the student timestep distribution: all mass on the noisiest, then uniform (LADD sec. 4)."""
-        n = len(self.timesteps)
+        """Warm-up of the student timestep (deterministic: input state) distribution: all mass on the
+        noisiest, then uniform (LADD sec. 4)."""
+        n = len(self.states) if self.deterministic else len(self.timesteps)
         mix = 1.0 if self.cfg.timestep_warmup_steps == 0 else min(step / self.cfg.timestep_warmup_steps, 1.0)
         start = torch.zeros(n)
         start[0] = 1.0
@@ -145,14 +161,17 @@ class LADDMethod(LatentMethodBase):
 
     def compute_loss(self, model: torch.nn.Module, batch: dict[str, Any], rand: StepRandom):
         x0, embeds = batch["latents"], batch["embeds"]
-        cdf = self.timestep_probabilities(rand.step).cumsum(0).to(x0.device)
-        index = torch.searchsorted(cdf, rand.rand() * cdf[-1], right=True).clamp_max(len(self.timesteps) - 1)
-        t = self.timesteps.to(x0.device)[index]
-        alpha, sigma = (v.view(-1, 1, 1, 1).to(x0) for v in self.teacher.schedule.alpha_sigma(t))
+        probabilities = self.timestep_probabilities(rand.step)
+        cdf = probabilities.cumsum(0).to(x0.device)
+        index = torch.searchsorted(cdf, rand.rand() * cdf[-1], right=True).clamp_max(len(probabilities) - 1)
         noise = rand.randn(*x0.shape[1:]).to(x0)
-        x_t = alpha * x0 + sigma * noise
         start_noise = batch.get("pair_noise", noise)  # inference starts from pure noise at the noisiest timestep
-        x_t = torch.where((t == self.timesteps[0]).view(-1, 1, 1, 1), start_noise, x_t)
+        if self.deterministic:
+            x_t, t = self.simulated_inputs(model, start_noise, embeds, index)
+        else:
+            t = self.timesteps.to(x0.device)[index]
+            alpha, sigma = (v.view(-1, 1, 1, 1).to(x0) for v in self.teacher.schedule.alpha_sigma(t))
+            x_t = torch.where((index == 0).view(-1, 1, 1, 1), start_noise, alpha * x0 + sigma * noise)
         fake = consistency_output(x_t, self.teacher.with_model(model).predict(x_t, t, embeds, **self.w_kwargs(x_t)), t,
                                   self.scaling)
         loss, logs = fake.new_zeros(()), {}
@@ -162,11 +181,31 @@ class LADDMethod(LatentMethodBase):
         if self.cfg.distill_weight > 0:
             per_sample = (fake.float() - x0.float()).square().flatten(1).mean(1)
             if self.cfg.distill_timesteps == "noisiest":  # only there is (noise -> teacher sample) a deterministic pair
-                per_sample = per_sample * (t == self.timesteps[0]).float()
+                per_sample = per_sample * (index == 0).float()
             regression = per_sample.mean()
             loss = loss + self.cfg.distill_weight * regression
             logs["distill_loss"] = regression.detach()
         return loss, logs
+
+    @torch.no_grad()
+    def simulated_inputs(self, model: torch.nn.Module, noise: torch.Tensor, embeds: PromptEmbeds, state_index: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backward simulation for a deterministic student: each sample's input is where the student's own
+        N-step DDIM / Euler sampler stands after k steps from the sample's pair noise. Training then sees
+        exactly the inputs sampling will, and since that trajectory is a function of the noise alone, the
+        teacher's sample from the same noise is a true regression target at every step."""
+        states = [self.states[i] for i in state_index.tolist()]
+        steps_taken = torch.tensor([k for _, k in states])
+        student, x = self.teacher.with_model(model), noise.clone()
+        for j in range(int(steps_taken.max())):
+            rows = torch.nonzero(steps_taken > j).flatten()
+            t = torch.stack([states[r][0][j] for r in rows.tolist()]).to(x.device)
+            t_next = torch.stack([states[r][0][j + 1] for r in rows.tolist()])
+            pred = student.predict(x[rows], t, embeds.index(rows), **self.w_kwargs(x[rows]))
+            alpha, sigma = self.teacher.schedule.alpha_sigma(t_next)
+            x[rows] = ddim_step(pred, alpha.to(x), sigma.to(x)).to(x.dtype)
+        t = torch.stack([grid[k] for grid, k in states]).to(x.device)
+        return x, t
 
     def w_kwargs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The guidance embedding a UNet student started from a guidance-distilled one keeps getting, at its w."""
@@ -183,14 +222,18 @@ class LADDMethod(LatentMethodBase):
     # --- sampling, validation, export ----------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, model: torch.nn.Module, prompts: list[str], steps: int, noise: torch.Tensor, seed: int = 0) -> torch.Tensor:
-        """The student's few-step sampler: x0 prediction, re-noise to the next grid timestep, repeat."""
+        """The student's few-step sampler: x0 prediction, re-noise to the next grid timestep, repeat
+        (deterministic: DDIM / Euler steps on the same grid the export's scheduler uses)."""
         student = self.teacher.with_model(model)
         embeds = student.encode_prompts(prompts)
         was_training = model.training
         model.eval()
-        out = sample_consistency(lambda x, t: student.predict(x, t, embeds, **self.w_kwargs(x)), noise,
-                                 few_step_timesteps(self.teacher.schedule, steps, LCM_ORIGINAL_STEPS),
-                                 self.teacher.schedule, torch.Generator().manual_seed(seed), self.scaling)
+        denoise = lambda x, t: student.predict(x, t, embeds, **self.w_kwargs(x))  # noqa: E731
+        if self.deterministic:
+            out = sample_ddim(denoise, noise, deterministic_grid(self.teacher.schedule, steps), self.teacher.schedule)
+        else:
+            out = sample_consistency(denoise, noise, few_step_timesteps(self.teacher.schedule, steps, LCM_ORIGINAL_STEPS),
+                                     self.teacher.schedule, torch.Generator().manual_seed(seed), self.scaling)
         model.train(was_training)
         return out
 
@@ -205,7 +248,9 @@ class LADDMethod(LatentMethodBase):
     def scheduler_spec(self) -> tuple[str, dict[str, Any]]:
         """The diffusers scheduler (and options) whose N-step schedule is the one the student was trained on."""
         if self.teacher.schedule.kind == "flow":
-            return "FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True}
+            return "FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": not self.deterministic}
+        if self.deterministic:
+            return "DDIMScheduler", {"timestep_spacing": "trailing"}
         return "LCMScheduler", {"timestep_scaling": self.cfg.timestep_scaling_factor,
                                 "original_inference_steps": LCM_ORIGINAL_STEPS}
 
@@ -218,8 +263,8 @@ class LADDMethod(LatentMethodBase):
                        extra_meta=grid_meta)
         else:
             export = copy.copy(self.teacher.pipe)
-            scheduler_cls = FlowMatchEulerDiscreteScheduler if name.startswith("FlowMatch") else LCMScheduler
-            export.register_modules(scheduler=scheduler_cls.from_config(self.teacher.pipe.scheduler.config, **kwargs))
+            scheduler = getattr(diffusers, name).from_config(self.teacher.pipe.scheduler.config, **kwargs)
+            export.register_modules(scheduler=scheduler)
             export.register_modules(**{"transformer" if self.teacher.is_dit else "unet": model})
             export.save_pretrained(out_dir, safe_serialization=True)
             meta = {"method": "ladd", "guidance_scale": self.student_guidance, **grid_meta}

@@ -25,7 +25,8 @@ from stepdistill.methods.adversarial import AdversarialOptions, AdversarialTerm
 from stepdistill.methods.common import FrozenPassOptions, LatentMethodBase, LatentPromptData, full_student, write_validation
 from stepdistill.methods.export import STUDENT_META, replace_folder, sampling_grid_meta, write_model_card
 from stepdistill.methods.synthetic import cached_teacher_latents
-from stepdistill.solvers import ddim_step, guidance_scale_embedding, halving_pairs, sample_ddim, uniform_call_sigmas
+from stepdistill.solvers import (ddim_step, deterministic_grid, guidance_scale_embedding, halving_pairs, sample_ddim,
+                                 uniform_call_sigmas)
 from stepdistill.teacher import Prediction, TeacherWrapper
 from stepdistill.training.loop import LoopConfig
 from stepdistill.training.step_random import StepRandom
@@ -295,7 +296,7 @@ class ProgressiveMethod(LatentMethodBase):
         embeds = student.encode_prompts(prompts)
         w = torch.full((len(prompts),), self.cfg.w_min if guidance_scale is None else guidance_scale - 1)
         extra = self._w_kwargs(w)
-        grid = halving_pairs(steps, self.teacher.schedule)[0]
+        grid = deterministic_grid(self.teacher.schedule, steps)
         was_training = model.training
         model.eval()
         out = sample_ddim(lambda x, t: student.predict(x, t, embeds, **extra), noise, grid, self.teacher.schedule)
