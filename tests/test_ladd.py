@@ -174,6 +174,7 @@ def test_synthetic_cache_with_other_settings_is_refused(random_teachers, tmp_pat
     (dict(renoise_std=0.0), "renoise_std=0.0"),
     (dict(synthetic_steps=0), "synthetic_steps=0"),
     (dict(init_student_from="runs/pd/pipeline"), r"init_student_from='runs/pd/pipeline' needs use_lora=false"),
+    (dict(deterministic_loss="final"), r"deterministic_loss='final' needs student_sampler=deterministic"),
 ])
 def test_bad_ladd_options(overrides, match):
     with pytest.raises(ConfigError, match=match):
@@ -248,6 +249,28 @@ def test_deterministic_inputs_are_where_the_students_own_sampler_stands(random_t
         expected = sample_ddim(lambda z, s: student.predict(z, s, one), noise[row:row + 1], grid[:k + 1], method.teacher.schedule)
         torch.testing.assert_close(x[row:row + 1], expected, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(x[2], noise[2])
+
+
+def test_final_output_loss_trains_the_whole_deterministic_sampler(random_teachers, tmp_path):
+    """deterministic_loss=final: only each grid's last step is drawn, and the earlier steps keep their graph, so
+    the loss on the output reaches the weights through every step (a no-grad simulation would not)."""
+    from stepdistill.training.step_random import StepRandom
+
+    method = train(random_teachers / "sd", tmp_path / "run", max_train_steps=1, student_sampler="deterministic",
+                   deterministic_loss="final", student_steps=[2, 4], use_lora=False, adversarial_weight=0.0, distill_weight=1.0)
+    assert [(len(grid) - 1, k) for grid, k in method.states] == [(2, 1), (4, 3)]
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    embeds = method.teacher.encode_prompts(["fire", "sun"])
+    x, t = method.simulated_inputs(method.student_net, noise, embeds, torch.tensor([1, 0]))
+    assert x.requires_grad and t.tolist() == [249, 499]
+    with torch.no_grad():  # sampling keeps no graph
+        assert not method.simulated_inputs(method.student_net, noise, embeds, torch.tensor([1, 0]))[0].requires_grad
+    method.student_net.zero_grad()
+    x.square().sum().backward()  # x is the last step's input: any gradient here came through the earlier steps
+    assert method.student_net.conv_in.weight.grad.abs().sum() > 0
+    batch = method.make_batch([0, 1, 2, 3], torch.device("cpu"))
+    loss, logs = method.compute_loss(method.student_net, batch, StepRandom(0, 3, 0, 1, 4, torch.device("cpu")))
+    assert loss.requires_grad and logs["distill_loss"] > 0
 
 
 @pytest.mark.parametrize("kind,use_lora", [("sd", True), ("sd", False), ("sd3", True)])

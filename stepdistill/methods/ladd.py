@@ -45,6 +45,7 @@ class LADDConfig(AdversarialOptions, LoopConfig):
     lora_alpha: float = 16.0  # LoRA alpha
     student_steps: list[int] = field(default_factory=lambda: [1, 2, 4])  # trained for the union of these step grids
     student_sampler: Literal["stochastic", "deterministic"] = "stochastic"  # re-noise between steps (LCM / stochastic flow) or DDIM / Euler, inputs simulated by the student
+    deterministic_loss: Literal["every_step", "final"] = "every_step"  # deterministic sampler: losses on every step's x0, or on the sampler's output only with gradients through all its steps
     timestep_warmup_steps: int = 200  # student timesteps start at the noisiest only, reach uniform after this
     real_data: Literal["synthetic", "real"] = "synthetic"  # the discriminator's 'real' side: teacher samples or the dataset
     synthetic_steps: int = 25  # teacher solver steps per synthetic latent
@@ -72,6 +73,9 @@ class LADDConfig(AdversarialOptions, LoopConfig):
         if self.synthetic_steps < 1 or self.synthetic_guidance_scale < 0:
             raise ConfigError(f"synthetic_steps={self.synthetic_steps} must be >= 1 and "
                               f"synthetic_guidance_scale={self.synthetic_guidance_scale} >= 0")
+        if self.deterministic_loss == "final" and self.student_sampler != "deterministic":
+            raise ConfigError(f"deterministic_loss={self.deterministic_loss!r} needs student_sampler=deterministic "
+                              f"(got {self.student_sampler!r}): only a deterministic sampler can be backpropagated through")
         if self.timestep_warmup_steps < 0:
             raise ConfigError(f"timestep_warmup_steps={self.timestep_warmup_steps} must be 0 or more")
 
@@ -82,9 +86,13 @@ def student_timestep_set(teacher: TeacherWrapper, step_counts: list[int]) -> tor
     return torch.unique(torch.cat(grids)).flip(0)
 
 
-def deterministic_states(schedule: NoiseSchedule, step_counts: list[int]) -> list[tuple[torch.Tensor, int]]:
+def deterministic_states(schedule: NoiseSchedule, step_counts: list[int], final_only: bool = False
+                         ) -> list[tuple[torch.Tensor, int]]:
     """(grid, k) for every input a deterministic student sees: step k of its N-step grid, for each N. Step 0
-    (pure noise at the noisiest timestep) is the same for every N, so it is listed once, first."""
+    (pure noise at the noisiest timestep) is the same for every N, so it is listed once, first.
+    ``final_only``: just the last step of each grid, whose x0 is the sampler's output."""
+    if final_only:
+        return [(deterministic_grid(schedule, n), n - 1) for n in sorted(set(step_counts))]
     states = [(deterministic_grid(schedule, max(step_counts)), 0)]
     for n in sorted(set(step_counts)):
         grid = deterministic_grid(schedule, n)
@@ -112,7 +120,9 @@ class LADDMethod(LatentMethodBase):
         self.export_name = "lora" if cfg.use_lora else "pipeline"
         self.deterministic = cfg.student_sampler == "deterministic"
         self.timesteps = student_timestep_set(teacher, cfg.student_steps)
-        self.states = deterministic_states(teacher.schedule, cfg.student_steps) if self.deterministic else None
+        self.through_sampler = self.deterministic and cfg.deterministic_loss == "final"
+        self.states = (deterministic_states(teacher.schedule, cfg.student_steps, self.through_sampler)
+                       if self.deterministic else None)
         # LCM's boundary scalings only where the export samples with LCMScheduler; DDIM and flow use x0 itself
         self.scaling = None if teacher.schedule.kind == "flow" or self.deterministic else cfg.timestep_scaling_factor
         base = teacher.model
@@ -187,25 +197,33 @@ class LADDMethod(LatentMethodBase):
             logs["distill_loss"] = regression.detach()
         return loss, logs
 
-    @torch.no_grad()
     def simulated_inputs(self, model: torch.nn.Module, noise: torch.Tensor, embeds: PromptEmbeds, state_index: torch.Tensor
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """Backward simulation for a deterministic student: each sample's input is where the student's own
         N-step DDIM / Euler sampler stands after k steps from the sample's pair noise. Training then sees
         exactly the inputs sampling will, and since that trajectory is a function of the noise alone, the
-        teacher's sample from the same noise is a true regression target at every step."""
+        teacher's sample from the same noise is a true regression target at every step. With
+        ``deterministic_loss=final`` the steps keep their gradients, so the loss on the output trains the
+        whole sampler."""
         states = [self.states[i] for i in state_index.tolist()]
         steps_taken = torch.tensor([k for _, k in states])
         student, x = self.teacher.with_model(model), noise.clone()
+        with torch.set_grad_enabled(self.through_sampler and torch.is_grad_enabled()):
+            x = self._run_steps(student, x, embeds, states, steps_taken)
+        t = torch.stack([grid[k] for grid, k in states]).to(x.device)
+        return x, t
+
+    def _run_steps(self, student: TeacherWrapper, x: torch.Tensor, embeds: PromptEmbeds,
+                   states: list[tuple[torch.Tensor, int]], steps_taken: torch.Tensor) -> torch.Tensor:
+        """Advance each row of ``x`` by its own number of deterministic steps along its own grid."""
         for j in range(int(steps_taken.max())):
             rows = torch.nonzero(steps_taken > j).flatten()
             t = torch.stack([states[r][0][j] for r in rows.tolist()]).to(x.device)
             t_next = torch.stack([states[r][0][j + 1] for r in rows.tolist()])
             pred = student.predict(x[rows], t, embeds.index(rows), **self.w_kwargs(x[rows]))
             alpha, sigma = self.teacher.schedule.alpha_sigma(t_next)
-            x[rows] = ddim_step(pred, alpha.to(x), sigma.to(x)).to(x.dtype)
-        t = torch.stack([grid[k] for grid, k in states]).to(x.device)
-        return x, t
+            x = x.index_put((rows,), ddim_step(pred, alpha.to(x), sigma.to(x)).to(x.dtype))
+        return x
 
     def w_kwargs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The guidance embedding a UNet student started from a guidance-distilled one keeps getting, at its w."""
