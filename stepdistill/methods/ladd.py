@@ -22,9 +22,9 @@ from stepdistill.methods.adversarial import AdversarialOptions, AdversarialTerm
 from stepdistill.methods.common import LatentMethodBase, LatentPromptData, build_student, write_validation
 from stepdistill.methods.export import STUDENT_META, read_student_meta, sampling_grid_meta, write_lora, write_model_card
 from stepdistill.methods.synthetic import cached_teacher_latents
+from stepdistill.schedule import NoiseSchedule
 from stepdistill.solvers import (consistency_output, ddim_step, deterministic_grid, few_step_timesteps,
                                  guidance_scale_embedding, sample_consistency, sample_ddim, uniform_call_sigmas)
-from stepdistill.schedule import NoiseSchedule
 from stepdistill.teacher import PromptEmbeds, TeacherWrapper
 from stepdistill.training.loop import LoopConfig
 from stepdistill.training.step_random import StepRandom
