@@ -1,7 +1,7 @@
 """Diagnostic: how the LADD student's few-step quality moves during training (not a test).
 
 Trains through the shared loop and, every ``PROBE_EVERY`` steps, prints evaluator FID and top-1 alignment
-of the student's 1, 2 and 4-step samples (256 prompts, fixed noise) and the discriminator's mean logits.
+of the student's 1, 2 and 4-step samples (256 prompts, fixed noise), and of its EMA when ``ema_decay`` is on.
 
     python eval/ladd_probe.py --config configs/ladd_lora_tiny_sd.yaml --output_dir runs/ladd_probe --max_train_steps 600
 """
@@ -41,14 +41,21 @@ def main(argv: list[str] | None = None) -> None:
     noise = initial_noise(teacher, NUM_PROMPTS, seed=123)
     started = time.time()
 
-    def probe(model: torch.nn.Module, done: int) -> None:
+    def scores(model: torch.nn.Module) -> str:
         parts = []
         for steps in sorted(set(cfg.student_steps)):
             images = decode(teacher, method.sample(model, prompts, steps, noise))
             features, logits = evaluator_outputs(evaluator, images)  # FID against the whole dataset
             fid, top1 = fid_from_features(real_features, features), topk_alignment(logits, rows, 1)
             parts.append(f"{steps}-step FID {fid:.2f} top1 {top1:.3f}")
-        print(f"step {done:5d} ({time.time() - started:5.0f} s): " + "; ".join(parts), flush=True)
+        return "; ".join(parts)
+
+    def probe(model: torch.nn.Module, done: int) -> None:
+        line = scores(model)
+        if method.student_ema is not None:  # the weights the export would ship, beside the live ones
+            with method.shipped_weights():
+                line += " | EMA " + scores(model)
+        print(f"step {done:5d} ({time.time() - started:5.0f} s): {line}", flush=True)
 
     probe(method.trainable_module(), 0)
 

@@ -299,3 +299,57 @@ def test_deterministic_student_exports_ddim_or_euler_and_a_fresh_pipeline_reprod
         torch.testing.assert_close(theirs, ours, atol=2e-4, rtol=1e-4)
     card = (folder / "README.md").read_text()
     assert ("DDIMScheduler" in card) == (use_lora and kind == "sd")
+
+
+def test_ema_swapped_in_holds_the_average_and_gives_the_live_weights_back():
+    from stepdistill.methods.target_adapter import AdapterEMA
+
+    net = torch.nn.Linear(3, 2)
+    start = net.weight.detach().clone()
+    ema = AdapterEMA(net, decay=0.75)
+    with torch.no_grad():
+        net.weight.add_(4.0)
+    ema.update()
+    live = net.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="inside"), ema.swapped_in() as swapped:
+        assert swapped is net
+        torch.testing.assert_close(net.weight, start + 1.0)  # 0.75 * start + 0.25 * (start + 4)
+        raise RuntimeError("inside")
+    assert torch.equal(net.weight, live)
+
+
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_student_ema_is_exported_and_resumed(random_teachers, tmp_path, use_lora):
+    from safetensors.torch import load_file
+
+    options = dict(use_lora=use_lora, ema_decay=0.5, checkpoints_total_limit=None)
+    method = train(random_teachers / "sd", tmp_path / "a", max_train_steps=4, **options)
+    weights = ("lora/pytorch_lora_weights.safetensors" if use_lora
+               else "pipeline/unet/diffusion_pytorch_model.safetensors")
+    exported = load_file(tmp_path / "a" / weights)
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    live_sample = method.sample(method.student_net, ["rocket", "sun"], 2, noise, seed=9)
+    with method.shipped_weights():
+        ema_sample = method.sample(method.student_net, ["rocket", "sun"], 2, noise, seed=9)
+    assert not torch.allclose(live_sample, ema_sample, atol=1e-4)  # the EMA is not the live student
+    pipe = StableDiffusionPipeline.from_pretrained(random_teachers / "sd", dtype=torch.float32)
+    if use_lora:
+        pipe.load_lora_weights(str(tmp_path / "a" / "lora"))
+    else:
+        pipe.unet = type(pipe.unet).from_pretrained(tmp_path / "a" / "pipeline" / "unet")
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, timestep_scaling=10.0, original_inference_steps=50)
+    pipe.set_progress_bar_config(disable=True)
+    shipped = pipe(["rocket", "sun"], num_inference_steps=2, guidance_scale=1.0, latents=noise, output_type="latent",
+                   generator=torch.Generator().manual_seed(9)).images
+    torch.testing.assert_close(shipped, ema_sample, atol=2e-4, rtol=1e-4)  # the export ships the EMA
+
+    train(random_teachers / "sd", tmp_path / "b", max_train_steps=2, **options)
+    shutil.rmtree(tmp_path / "b" / weights.split("/")[0])
+    train(random_teachers / "sd", tmp_path / "b", max_train_steps=4, resume_from_checkpoint="latest", **options)
+    resumed = load_file(tmp_path / "b" / weights)
+    assert exported.keys() == resumed.keys() and all(torch.equal(exported[k], resumed[k]) for k in exported)
+
+
+def test_bad_ema_decay_is_refused():
+    with pytest.raises(ConfigError, match=r"ema_decay=1.0 is out of range"):
+        LADDConfig(ema_decay=1.0).validate()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +23,7 @@ from stepdistill.methods.adversarial import AdversarialOptions, AdversarialTerm
 from stepdistill.methods.common import LatentMethodBase, LatentPromptData, build_student, write_validation
 from stepdistill.methods.export import STUDENT_META, read_student_meta, sampling_grid_meta, write_lora, write_model_card
 from stepdistill.methods.synthetic import cached_teacher_latents
+from stepdistill.methods.target_adapter import AdapterEMA
 from stepdistill.schedule import NoiseSchedule
 from stepdistill.solvers import (consistency_output, ddim_step, deterministic_grid, few_step_timesteps,
                                  guidance_scale_embedding, sample_consistency, sample_ddim, uniform_call_sigmas)
@@ -53,6 +55,7 @@ class LADDConfig(AdversarialOptions, LoopConfig):
     adversarial_weight: float = 1.0  # weight of the generator loss
     distill_weight: float = 0.0  # weight of the regression term towards the data latent (teacher pairs at t_max)
     distill_timesteps: Literal["all", "noisiest"] = "all"  # where the regression applies; stochastic sampler: below t_max its target is a posterior mean (blur)
+    ema_decay: float = 0.0  # EMA of the student's trainable weights, which validation and the export then use (0: off)
     timestep_scaling_factor: float = 10.0  # vp: LCMScheduler's boundary scaling, so the export samples identically
     gradient_checkpointing: bool = False  # trade compute for memory on big teachers
     enable_xformers_memory_efficient_attention: bool = False  # GPU only
@@ -76,6 +79,8 @@ class LADDConfig(AdversarialOptions, LoopConfig):
         if self.deterministic_loss == "final" and self.student_sampler != "deterministic":
             raise ConfigError(f"deterministic_loss={self.deterministic_loss!r} needs student_sampler=deterministic "
                               f"(got {self.student_sampler!r}): only a deterministic sampler can be backpropagated through")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"ema_decay={self.ema_decay} is out of range; allowed 0 <= ema_decay < 1 (0: no EMA)")
         if self.timestep_warmup_steps < 0:
             raise ConfigError(f"timestep_warmup_steps={self.timestep_warmup_steps} must be 0 or more")
 
@@ -133,6 +138,9 @@ class LADDMethod(LatentMethodBase):
         self.w_embedding = (guidance_scale_embedding(torch.tensor([self.student_guidance - 1.0]), self.guidance_dim)
                             if self.guidance_dim else None)
         self.adversarial = AdversarialTerm(teacher, base, cfg, cfg.use_lora, cfg.seed) if cfg.adversarial_weight > 0 else None
+        # An adversarial student keeps moving around the discriminator's current opinion; the average of its
+        # recent weights is the steadier network to ship (LoRA: only the adapter is averaged).
+        self.student_ema = AdapterEMA(self.student_net, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.synthetic: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
@@ -232,10 +240,16 @@ class LADDMethod(LatentMethodBase):
         return {"timestep_cond": self.w_embedding.to(x.device).expand(x.shape[0], -1)}
 
     def after_optimizer_step(self, model: torch.nn.Module) -> None:
-        pass
+        if self.student_ema is not None:
+            self.student_ema.update()
 
     def checkpoint_objects(self) -> list[Any]:
-        return []  # heads and their optimizer are prepared by the accelerator, so they are saved already
+        # heads and their optimizer are prepared by the accelerator, so they are saved already
+        return [self.student_ema] if self.student_ema is not None else []
+
+    def shipped_weights(self):
+        """Context in which the student network holds the weights validation and export use: the EMA's, if on."""
+        return self.student_ema.swapped_in() if self.student_ema is not None else nullcontext()
 
     # --- sampling, validation, export ----------------------------------------------------------------------
     @torch.no_grad()
@@ -260,7 +274,8 @@ class LADDMethod(LatentMethodBase):
 
         prompts = self.cfg.validation_prompts
         noise = initial_noise(self.teacher, len(prompts), seed=0)
-        grids = {k: decode(self.teacher, self.sample(model, prompts, k, noise)) for k in sorted(set(self.cfg.student_steps))}
+        with self.shipped_weights():
+            grids = {k: decode(self.teacher, self.sample(model, prompts, k, noise)) for k in sorted(set(self.cfg.student_steps))}
         write_validation(grids, step, out_dir, accelerator)
 
     def scheduler_spec(self) -> tuple[str, dict[str, Any]]:
@@ -273,6 +288,10 @@ class LADDMethod(LatentMethodBase):
                                 "original_inference_steps": LCM_ORIGINAL_STEPS}
 
     def export(self, model: torch.nn.Module, out_dir: Path) -> None:
+        with self.shipped_weights():
+            self._write_export(model, out_dir)
+
+    def _write_export(self, model: torch.nn.Module, out_dir: Path) -> None:
         name, kwargs = self.scheduler_spec()
         steps = max(self.cfg.student_steps)
         grid_meta = sampling_grid_meta(self.teacher)

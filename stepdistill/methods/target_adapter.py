@@ -1,4 +1,5 @@
-"""An EMA target network that is only an adapter: LCM-LoRA's target costs the adapter's memory, not a UNet's.
+"""An EMA of a network's trainable tensors. LCM-LoRA's target network is one that costs the adapter's memory,
+not a UNet's; LADD's ``ema_decay`` keeps one of the student (the adapter, or every weight of a full student).
 
 The EMA copies of the trainable (LoRA) tensors are run through the student network itself with
 ``torch.func.functional_call``, which swaps them in for one call without touching the live parameters, so the
@@ -7,6 +8,8 @@ second copy of the network (the side thread's), the EMA lives in that copy's ada
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -45,6 +48,19 @@ class AdapterEMA:
     def module(self) -> torch.nn.Module:
         """The network with the EMA adapter in place of the live one (base weights shared, not copied)."""
         return self.holder if self.holder is not None else _WithTensors(self.net, self.shadow)
+
+    @contextmanager
+    def swapped_in(self) -> Iterator[torch.nn.Module]:
+        """``net`` itself holding the EMA tensors for the duration, then its own again: a module a pipeline or an
+        exporter can take as it is (validation, the final export), at the cost of one copy of the live tensors."""
+        saved = [t.detach().clone() for t in self._live]
+        with torch.no_grad():
+            torch._foreach_copy_(self._live, list(self.shadow.values()))
+        try:
+            yield self.net
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(self._live, saved)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.shadow)
