@@ -10,7 +10,7 @@ from diffusers.training_utils import EMAModel
 from stepdistill.config import load_config, parse_cli
 from stepdistill.errors import ConfigError
 from stepdistill.training.checkpoint import list_checkpoints
-from stepdistill.training.loop import LoopConfig, NonFiniteLossError, run_training
+from stepdistill.training.loop import LoopConfig, NonFiniteLossError, final_loss_text, run_training
 from stepdistill.training.step_random import StepRandom, batch_indices
 
 
@@ -97,6 +97,19 @@ def test_resume_after_interruption_reproduces_uninterrupted_run(tmp_path):
     resumed = exported(tmp_path / "b")
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
+
+
+def test_resume_at_the_last_step_re_exports_and_says_no_step_ran(tmp_path):
+    import shutil
+
+    logs = run_training(ToyMethod(), cfg(tmp_path))
+    assert final_loss_text(logs) == f"final loss {logs['loss']:.5f}"
+    straight = exported(tmp_path)
+    shutil.rmtree(tmp_path / "run" / "model")
+    again = run_training(ToyMethod(), cfg(tmp_path, resume_from_checkpoint="latest"))
+    assert "loss" not in again and final_loss_text(again).startswith("no training step ran")
+    resumed = exported(tmp_path)
+    assert all(torch.equal(straight[key], resumed[key]) for key in straight)
 
 
 def test_checkpoint_limit_and_no_temporary_leftovers(tmp_path):

@@ -14,12 +14,13 @@ import sys
 from stepdistill.errors import cli_errors
 from stepdistill.methods.common import train_from_cli
 from stepdistill.methods.ladd import LADDConfig, LADDMethod
+from stepdistill.training.loop import final_loss_text
 
 
 @cli_errors
 def main(argv: list[str] | None = None) -> None:
     cfg, method, logs = train_from_cli(LADDConfig, LADDMethod, argv)
-    print(f"done: ladd final loss {logs.get('loss', float('nan')):.5f}; student in {cfg.output_dir}/{method.export_name}")
+    print(f"done: ladd {final_loss_text(logs)}; student in {cfg.output_dir}/{method.export_name}")
 
 
 if __name__ == "__main__":

@@ -13,12 +13,13 @@ import sys
 from stepdistill.errors import cli_errors
 from stepdistill.methods.common import train_from_cli
 from stepdistill.methods.progressive import ProgressiveConfig, ProgressiveMethod
+from stepdistill.training.loop import final_loss_text
 
 
 @cli_errors
 def main(argv: list[str] | None = None) -> None:
     cfg, method, logs = train_from_cli(ProgressiveConfig, ProgressiveMethod, argv)
-    print(f"done: progressive final loss {logs.get('loss', float('nan')):.5f}; {cfg.end_steps}-step student in "
+    print(f"done: progressive {final_loss_text(logs)}; {cfg.end_steps}-step student in "
           f"{cfg.output_dir}/{method.export_name}, every round in {cfg.output_dir}/rounds")
 
 

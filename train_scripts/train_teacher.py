@@ -25,7 +25,7 @@ from stepdistill.errors import ModelError, cli_errors
 from stepdistill.testbed import SHIPPED_TEACHERS, resolve_teacher_path
 from stepdistill.testbed.teacher_training import DenoiserMethod, VaeMethod
 from stepdistill.testbed.tokenizer import write_caption_tokenizer
-from stepdistill.training.loop import LoopConfig, run_training
+from stepdistill.training.loop import LoopConfig, final_loss_text, run_training
 
 
 @dataclass
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         method = DenoiserMethod(cfg.kind, data, vae, tokenizer, caption_dropout=cfg.caption_dropout,
                                 ema_decay=cfg.ema_decay, seed=cfg.seed)
     logs = run_training(method, cfg, tracker_config=to_dict(cfg))
-    print(f"done: {method.name} final loss {logs.get('loss', float('nan')):.4f}; result in {cfg.output_dir}/{method.export_name}")
+    print(f"done: {method.name} {final_loss_text(logs, 4)}; result in {cfg.output_dir}/{method.export_name}")
 
 
 if __name__ == "__main__":

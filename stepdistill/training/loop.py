@@ -245,6 +245,13 @@ def _read_window(window: LogWindow, nonfinite: NonFiniteCounter, cfg: LoopConfig
     return {**window.read(accelerator), "lr": lr_scheduler.get_last_lr()[0], "skipped_steps": skipped}
 
 
+def final_loss_text(logs: dict[str, float], digits: int = 5) -> str:
+    """The scripts' closing words about the loss; a resume at max_train_steps runs no step and has none."""
+    if "loss" not in logs:
+        return "no training step ran (the checkpoint was already at max_train_steps)"
+    return f"final loss {logs['loss']:.{digits}f}"
+
+
 def latest_step(output_dir: str | Path) -> int:
     """Step of the newest complete checkpoint in ``output_dir`` (0 when there is none)."""
     found = list_checkpoints(Path(output_dir))
