@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -247,7 +247,7 @@ class LADDMethod(LatentMethodBase):
         # heads and their optimizer are prepared by the accelerator, so they are saved already
         return [self.student_ema] if self.student_ema is not None else []
 
-    def shipped_weights(self):
+    def shipped_weights(self) -> AbstractContextManager[Any]:
         """Context in which the student network holds the weights validation and export use: the EMA's, if on."""
         return self.student_ema.swapped_in() if self.student_ema is not None else nullcontext()
 
