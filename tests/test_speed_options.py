@@ -42,6 +42,8 @@ TRAINERS = {
     "lcm-adversarial": (LCMConfig, LCMMethod, dict(adversarial_weight=0.1, disc_r1_weight=0.1, overlap_teacher=False)),
     "lcm-overlapped": (LCMConfig, LCMMethod, dict(use_target_network=True, overlap_teacher=True)),
     "ladd": (LADDConfig, LADDMethod, dict(real_data="real", distill_weight=1.0)),
+    "ladd-deterministic": (LADDConfig, LADDMethod, dict(student_sampler="deterministic", deterministic_loss="final",
+                                                        student_steps=[2, 4], real_data="real", distill_weight=1.0)),
     "progressive": (ProgressiveConfig, ProgressiveMethod, dict(start_steps=8, end_steps=4, iterations_per_round=6)),
 }
 

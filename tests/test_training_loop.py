@@ -224,6 +224,15 @@ def test_step_random_slices_global_batch():
     assert epoch == list(range(40))  # one epoch visits every item once
 
 
+def test_host_draws_match_the_device_draws_and_stay_on_the_cpu():
+    """A method that branches on a draw (LADD's per-row sampler states) reads it without a device sync; the
+    values must be the very ones the device draw gives, so runs are unchanged."""
+    on_meta = StepRandom(3, 5, 1, 2, 4, torch.device("meta")).rand(on_host=True)
+    on_cpu = StepRandom(3, 5, 1, 2, 4, torch.device("cpu")).rand()
+    assert on_meta.device.type == "cpu" and torch.equal(on_meta, on_cpu)
+    assert StepRandom(3, 5, 1, 2, 4, torch.device("meta")).rand().device.type == "meta"
+
+
 def test_config_parsing_and_errors(tmp_path):
     yaml_file = tmp_path / "c.yaml"
     yaml_file.write_text("max_train_steps: 10\nlearning_rate: 1.0e-3\n")

@@ -180,12 +180,13 @@ class LADDMethod(LatentMethodBase):
     def compute_loss(self, model: torch.nn.Module, batch: dict[str, Any], rand: StepRandom):
         x0, embeds = batch["latents"], batch["embeds"]
         probabilities = self.timestep_probabilities(rand.step)
-        cdf = probabilities.cumsum(0).to(x0.device)
-        index = torch.searchsorted(cdf, rand.rand() * cdf[-1], right=True).clamp_max(len(probabilities) - 1)
+        cdf = probabilities.cumsum(0)  # drawn on the host: the deterministic path reads it to pick each row's state
+        host_index = torch.searchsorted(cdf, rand.rand(on_host=True) * cdf[-1], right=True).clamp_max(len(probabilities) - 1)
+        index = host_index.to(x0.device)
         noise = rand.randn(*x0.shape[1:]).to(x0)
         start_noise = batch.get("pair_noise", noise)  # inference starts from pure noise at the noisiest timestep
         if self.deterministic:
-            x_t, t = self.simulated_inputs(model, start_noise, embeds, index)
+            x_t, t = self.simulated_inputs(model, start_noise, embeds, host_index)
         else:
             t = self.timesteps.to(x0.device)[index]
             alpha, sigma = (v.view(-1, 1, 1, 1).to(x0) for v in self.teacher.schedule.alpha_sigma(t))
@@ -213,21 +214,22 @@ class LADDMethod(LatentMethodBase):
         teacher's sample from the same noise is a true regression target at every step. With
         ``deterministic_loss=final`` the steps keep their gradients, so the loss on the output trains the
         whole sampler."""
-        states = [self.states[i] for i in state_index.tolist()]
-        steps_taken = torch.tensor([k for _, k in states])
+        states = [self.states[i] for i in state_index.tolist()]  # a host tensor: no wait on the accelerator
         student, x = self.teacher.with_model(model), noise.clone()
         with torch.set_grad_enabled(self.through_sampler and torch.is_grad_enabled()):
-            x = self._run_steps(student, x, embeds, states, steps_taken)
+            x = self._run_steps(student, x, embeds, states)
         t = torch.stack([grid[k] for grid, k in states]).to(x.device)
         return x, t
 
     def _run_steps(self, student: TeacherWrapper, x: torch.Tensor, embeds: PromptEmbeds,
-                   states: list[tuple[torch.Tensor, int]], steps_taken: torch.Tensor) -> torch.Tensor:
-        """Advance each row of ``x`` by its own number of deterministic steps along its own grid."""
-        for j in range(int(steps_taken.max())):
-            rows = torch.nonzero(steps_taken > j).flatten()
-            t = torch.stack([states[r][0][j] for r in rows.tolist()]).to(x.device)
-            t_next = torch.stack([states[r][0][j + 1] for r in rows.tolist()])
+                   states: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
+        """Advance each row of ``x`` by its own number of deterministic steps along its own grid. The row
+        bookkeeping is plain Python, so nothing here reads a device tensor back."""
+        for j in range(max(k for _, k in states)):
+            moving = [r for r, (_, k) in enumerate(states) if k > j]
+            t = torch.stack([states[r][0][j] for r in moving]).to(x.device)
+            t_next = torch.stack([states[r][0][j + 1] for r in moving])
+            rows = torch.tensor(moving, device=x.device)
             pred = student.predict(x[rows], t, embeds.index(rows), **self.w_kwargs(x[rows]))
             alpha, sigma = self.teacher.schedule.alpha_sigma(t_next)
             x = x.index_put((rows,), ddim_step(pred, alpha.to(x), sigma.to(x)).to(x.dtype))

@@ -19,16 +19,17 @@ class StepRandom:
         self.global_batch = local_batch * world_size
         self.device = device
 
-    def _local(self, full: torch.Tensor) -> torch.Tensor:
-        return full[self.rows].to(self.device)
+    def _local(self, full: torch.Tensor, on_host: bool = False) -> torch.Tensor:
+        return full[self.rows] if on_host else full[self.rows].to(self.device)
 
     def randn(self, *sample_shape: int) -> torch.Tensor:
         """Standard normal, shape (local_batch, *sample_shape)."""
         return self._local(torch.randn(self.global_batch, *sample_shape, generator=self.generator))
 
-    def rand(self, *sample_shape: int) -> torch.Tensor:
-        """Uniform [0, 1), shape (local_batch, *sample_shape)."""
-        return self._local(torch.rand(self.global_batch, *sample_shape, generator=self.generator))
+    def rand(self, *sample_shape: int, on_host: bool = False) -> torch.Tensor:
+        """Uniform [0, 1), shape (local_batch, *sample_shape). ``on_host`` leaves it on the CPU: draws that
+        steer Python control flow are then read without waiting for the accelerator."""
+        return self._local(torch.rand(self.global_batch, *sample_shape, generator=self.generator), on_host)
 
     def randint(self, low: int, high: int) -> torch.Tensor:
         """Integers in [low, high), one per local sample."""
