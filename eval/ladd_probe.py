@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> None:
                 line += " | EMA " + scores(model)
         print(f"step {done:5d} ({time.time() - started:5.0f} s): {line}", flush=True)
 
-    probe(method.trainable_module(), 0)
+    if cfg.resume_from_checkpoint is None:  # a resumed run's weights load inside run_training, after this point
+        probe(method.trainable_module(), 0)
 
     def on_step_end(model, done, out, accelerator) -> None:
         if done % PROBE_EVERY == 0:
