@@ -65,6 +65,6 @@ def test_unet_ladd_refine_recipe_is_the_measured_run():
     assert refine.init_student_from == f"{progressive.output_dir}/pipeline" and progressive.end_steps == 4
     measured = dict(use_lora=False, student_steps=[4], student_sampler="deterministic", deterministic_loss="final",
                     timestep_warmup_steps=0, learning_rate=1e-5, lr_warmup_steps=50, adversarial_weight=0.5, distill_weight=1.0,
-                    max_train_steps=600, train_batch_size=32, synthetic_steps=25, synthetic_guidance_scale=4.0,
-                    pretrained_teacher_model="tiny-sd")
+                    max_train_steps=1400, train_batch_size=32, synthetic_steps=25, synthetic_guidance_scale=4.0,
+                    pretrained_teacher_model="tiny-sd", real_data="real", ema_decay=0.99)
     assert {k: getattr(refine, k) for k in measured} == measured
