@@ -230,7 +230,8 @@ class LADDMethod(LatentMethodBase):
             t = torch.stack([states[r][0][j] for r in moving]).to(x.device)
             t_next = torch.stack([states[r][0][j + 1] for r in moving])
             rows = torch.tensor(moving, device=x.device)
-            pred = student.predict(x[rows], t, embeds.index(rows), **self.w_kwargs(x[rows]))
+            x_rows = x[rows]  # one gather, used for the prediction and the guidance embedding's batch size
+            pred = student.predict(x_rows, t, embeds.index(rows), **self.w_kwargs(x_rows))
             alpha, sigma = self.teacher.schedule.alpha_sigma(t_next)
             x = x.index_put((rows,), ddim_step(pred, alpha.to(x), sigma.to(x)).to(x.dtype))
         return x
