@@ -175,6 +175,8 @@ def test_synthetic_cache_with_other_settings_is_refused(random_teachers, tmp_pat
     (dict(synthetic_steps=0), "synthetic_steps=0"),
     (dict(init_student_from="runs/pd/pipeline"), r"init_student_from='runs/pd/pipeline' needs use_lora=false"),
     (dict(deterministic_loss="final"), r"deterministic_loss='final' needs student_sampler=deterministic"),
+    (dict(use_lora=False, student_prediction="x0"), r"student_prediction='x0' is not known; allowed: auto, epsilon"),
+    (dict(student_prediction="sample"), r"student_prediction='sample' needs use_lora=false"),
 ])
 def test_bad_ladd_options(overrides, match):
     with pytest.raises(ConfigError, match=match):
@@ -299,6 +301,40 @@ def test_deterministic_student_exports_ddim_or_euler_and_a_fresh_pipeline_reprod
         torch.testing.assert_close(theirs, ours, atol=2e-4, rtol=1e-4)
     card = (folder / "README.md").read_text()
     assert ("DDIMScheduler" in card) == (use_lora and kind == "sd")
+
+
+@pytest.mark.parametrize("sampler,scheduler_cls,prediction", [("deterministic", DDIMScheduler, "sample"),
+                                                              ("deterministic", DDIMScheduler, "v_prediction"),
+                                                              ("stochastic", LCMScheduler, "v_prediction")])
+def test_student_with_its_own_output_type_exports_it_and_a_chained_run_keeps_it(random_teachers, tmp_path, sampler,
+                                                                                scheduler_cls, prediction):
+    """An epsilon teacher's full student may output x0 or v; the export's scheduler says which, so a fresh
+    pipeline samples as our sampler does, and a run started from that export reads the network the same way."""
+    method = train(random_teachers / "sd", tmp_path / "run", use_lora=False, student_sampler=sampler, student_prediction=prediction)
+    assert method.student(method.student_net).prediction_type == prediction and method.teacher.prediction_type == "epsilon"
+    folder = tmp_path / "run" / "pipeline"
+    pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch.float32)
+    assert isinstance(pipe.scheduler, scheduler_cls) and pipe.scheduler.config.prediction_type == prediction
+    pipe.set_progress_bar_config(disable=True)
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(8))
+    for steps in (1, 2):
+        ours = method.sample(method.student_net, ["fire", "sun"], steps, noise, seed=9)  # LCM re-noises with the seed
+        theirs = pipe(["fire", "sun"], num_inference_steps=steps, guidance_scale=1.0, latents=noise, output_type="latent",
+                      generator=torch.Generator().manual_seed(9)).images
+        torch.testing.assert_close(theirs, ours, atol=2e-4, rtol=1e-4)
+    as_epsilon = method.teacher.with_model(method.student_net, "epsilon")  # the same weights read as the teacher's type
+    with torch.no_grad():
+        embeds = as_epsilon.encode_prompts(["fire", "sun"])
+        t = torch.full((2,), 999)
+        assert not torch.allclose(as_epsilon.predict(noise, t, embeds).x0, method.student(method.student_net).predict(noise, t, embeds).x0)
+    chained = train(random_teachers / "sd", tmp_path / "chained", use_lora=False, student_sampler=sampler, init_student_from=str(folder),
+                    max_train_steps=1)
+    assert chained.student_prediction == prediction
+
+
+def test_flow_students_keep_the_velocity_output(random_teachers, tmp_path):
+    with pytest.raises(ConfigError, match=r"student_prediction='sample' is for UNet \(VP\) teachers"):
+        train(random_teachers / "sd3", tmp_path / "run", use_lora=False, student_prediction="sample", max_train_steps=1)
 
 
 def test_ema_swapped_in_holds_the_average_and_gives_the_live_weights_back():

@@ -32,6 +32,7 @@ from stepdistill.training.loop import LoopConfig
 from stepdistill.training.step_random import StepRandom
 
 LCM_ORIGINAL_STEPS = 50  # LCMScheduler's default original_inference_steps: fixes the exported timesteps
+STUDENT_PREDICTIONS = ("auto", "epsilon", "sample", "v_prediction")
 
 
 @dataclass
@@ -43,6 +44,7 @@ class LADDConfig(AdversarialOptions, LoopConfig):
     resolution: int = 32  # must match the teacher VAE's sample_size
     use_lora: bool = True  # LoRA student (True) or full-model student
     init_student_from: str | None = None  # full-model student only: start from this pipeline folder's denoiser (e.g. a progressive student), not the teacher's
+    student_prediction: str = "auto"  # the full student's output: auto (the init student's, else the teacher's), epsilon, sample or v_prediction (UNet teachers)
     lora_rank: int = 16  # LoRA rank
     lora_alpha: float = 16.0  # LoRA alpha
     student_steps: list[int] = field(default_factory=lambda: [1, 2, 4])  # trained for the union of these step grids
@@ -70,6 +72,11 @@ class LADDConfig(AdversarialOptions, LoopConfig):
             raise ConfigError(f"lora_rank={self.lora_rank} must be at least 1")
         if self.use_lora and self.init_student_from is not None:
             raise ConfigError(f"init_student_from={self.init_student_from!r} needs use_lora=false: a LoRA student starts from the teacher")
+        if self.student_prediction not in STUDENT_PREDICTIONS:
+            raise ConfigError(f"student_prediction={self.student_prediction!r} is not known; allowed: {', '.join(STUDENT_PREDICTIONS)}")
+        if self.use_lora and self.student_prediction != "auto":
+            raise ConfigError(f"student_prediction={self.student_prediction!r} needs use_lora=false: a LoRA student "
+                              "keeps the teacher's output type, which the user's pipeline scheduler expects")
         if self.adversarial_weight < 0 or self.distill_weight < 0 or self.adversarial_weight + self.distill_weight == 0:
             raise ConfigError(f"adversarial_weight={self.adversarial_weight}, distill_weight={self.distill_weight}: "
                               "need both >= 0 and at least one > 0")
@@ -105,6 +112,25 @@ def deterministic_states(schedule: NoiseSchedule, step_counts: list[int], final_
     return states
 
 
+def resolve_student_prediction(cfg: LADDConfig, teacher: TeacherWrapper) -> str:
+    """What the student network outputs. An epsilon UNet's x0 at the noisiest timestep is (x - sigma eps) / alpha
+    with alpha(999) = 0.068 on SD schedules, so its errors reach the image 15x enlarged; a full student for
+    1-2 steps can output x0 (``sample``) or v instead, and its export's scheduler says so. ``auto`` keeps
+    the output type of the folder the student starts from (its scheduler config), else the teacher's."""
+    if teacher.schedule.kind == "flow":
+        if cfg.student_prediction != "auto":
+            raise ConfigError(f"student_prediction={cfg.student_prediction!r} is for UNet (VP) teachers; "
+                              "a flow teacher's student predicts the velocity: use auto")
+        return teacher.prediction_type
+    if cfg.student_prediction != "auto":
+        return cfg.student_prediction
+    if cfg.init_student_from is not None:
+        config = Path(cfg.init_student_from) / "scheduler" / "scheduler_config.json"
+        if config.is_file():
+            return json.loads(config.read_text()).get("prediction_type", teacher.prediction_type)
+    return teacher.prediction_type
+
+
 def init_student_guidance(folder: str) -> float:
     """The guidance scale a guidance-embedded student was exported for (its ``stepdistill_student.json``);
     the pipeline feeds the UNet w = guidance_scale - 1 through ``timestep_cond``, so LADD keeps that w."""
@@ -132,6 +158,7 @@ class LADDMethod(LatentMethodBase):
         self.scaling = None if teacher.schedule.kind == "flow" or self.deterministic else cfg.timestep_scaling_factor
         base = teacher.model
         self.student_net = build_student(teacher, cfg, init_from=cfg.init_student_from)
+        self.student_prediction = resolve_student_prediction(cfg, teacher)
         self.guidance_dim = None if teacher.is_dit else self.student_net.config.time_cond_proj_dim
         self.student_guidance = init_student_guidance(cfg.init_student_from) if self.guidance_dim else 1.0
         # w is fixed for the whole run: embed it once, not on every forward pass
@@ -191,7 +218,7 @@ class LADDMethod(LatentMethodBase):
             t = self.timesteps.to(x0.device)[index]
             alpha, sigma = (v.view(-1, 1, 1, 1).to(x0) for v in self.teacher.schedule.alpha_sigma(t))
             x_t = torch.where((index == 0).view(-1, 1, 1, 1), start_noise, alpha * x0 + sigma * noise)
-        fake = consistency_output(x_t, self.teacher.with_model(model).predict(x_t, t, embeds, **self.w_kwargs(x_t)), t,
+        fake = consistency_output(x_t, self.student(model).predict(x_t, t, embeds, **self.w_kwargs(x_t)), t,
                                   self.scaling)
         loss, logs = fake.new_zeros(()), {}
         if self.adversarial is not None:
@@ -215,7 +242,7 @@ class LADDMethod(LatentMethodBase):
         ``deterministic_loss=final`` the steps keep their gradients, so the loss on the output trains the
         whole sampler."""
         states = [self.states[i] for i in state_index.tolist()]  # a host tensor: no wait on the accelerator
-        student, x = self.teacher.with_model(model), noise.clone()
+        student, x = self.student(model), noise.clone()
         with torch.set_grad_enabled(self.through_sampler and torch.is_grad_enabled()):
             x = self._run_steps(student, x, embeds, states)
         t = torch.stack([grid[k] for grid, k in states]).to(x.device)
@@ -235,6 +262,10 @@ class LADDMethod(LatentMethodBase):
             alpha, sigma = self.teacher.schedule.alpha_sigma(t_next)
             x = x.index_put((rows,), ddim_step(pred, alpha.to(x), sigma.to(x)).to(x.dtype))
         return x
+
+    def student(self, model: torch.nn.Module) -> TeacherWrapper:
+        """The student network behind the teacher's conversions, read as its own output type."""
+        return self.teacher.with_model(model, self.student_prediction)
 
     def w_kwargs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The guidance embedding a UNet student started from a guidance-distilled one keeps getting, at its w."""
@@ -259,7 +290,7 @@ class LADDMethod(LatentMethodBase):
     def sample(self, model: torch.nn.Module, prompts: list[str], steps: int, noise: torch.Tensor, seed: int = 0) -> torch.Tensor:
         """The student's few-step sampler: x0 prediction, re-noise to the next grid timestep, repeat
         (deterministic: DDIM / Euler steps on the same grid the export's scheduler uses)."""
-        student = self.teacher.with_model(model)
+        student = self.student(model)
         embeds = student.encode_prompts(prompts)
         was_training = model.training
         model.eval()
@@ -285,10 +316,11 @@ class LADDMethod(LatentMethodBase):
         """The diffusers scheduler (and options) whose N-step schedule is the one the student was trained on."""
         if self.teacher.schedule.kind == "flow":
             return "FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": not self.deterministic}
+        output = {} if self.student_prediction == self.teacher.prediction_type else {"prediction_type": self.student_prediction}
         if self.deterministic:
-            return "DDIMScheduler", {"timestep_spacing": "trailing"}
+            return "DDIMScheduler", {"timestep_spacing": "trailing", **output}
         return "LCMScheduler", {"timestep_scaling": self.cfg.timestep_scaling_factor,
-                                "original_inference_steps": LCM_ORIGINAL_STEPS}
+                                "original_inference_steps": LCM_ORIGINAL_STEPS, **output}
 
     def export(self, model: torch.nn.Module, out_dir: Path) -> None:
         with self.shipped_weights():
