@@ -13,7 +13,7 @@ from diffusers import (DDIMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteS
 from method_runs import train_method
 from stepdistill.errors import ConfigError
 from stepdistill.methods.common import build_student
-from stepdistill.methods.ladd import LADDConfig, LADDMethod, student_timestep_set
+from stepdistill.methods.ladd import LADDConfig, LADDMethod, resolve_student_prediction, student_timestep_set
 from stepdistill.solvers import uniform_call_sigmas
 from stepdistill.teacher import load_teacher
 
@@ -304,13 +304,13 @@ def test_deterministic_student_exports_ddim_or_euler_and_a_fresh_pipeline_reprod
 
 
 @pytest.mark.parametrize("sampler,scheduler_cls,prediction", [("deterministic", DDIMScheduler, "sample"),
-                                                              ("deterministic", DDIMScheduler, "v_prediction"),
                                                               ("stochastic", LCMScheduler, "v_prediction")])
 def test_student_with_its_own_output_type_exports_it_and_a_chained_run_keeps_it(random_teachers, tmp_path, sampler,
                                                                                 scheduler_cls, prediction):
     """An epsilon teacher's full student may output x0 or v; the export's scheduler says which, so a fresh
     pipeline samples as our sampler does, and a run started from that export reads the network the same way."""
-    method = train(random_teachers / "sd", tmp_path / "run", use_lora=False, student_sampler=sampler, student_prediction=prediction)
+    method = train(random_teachers / "sd", tmp_path / "run", use_lora=False, student_sampler=sampler, student_prediction=prediction,
+                   max_train_steps=1)
     assert method.student(method.student_net).prediction_type == prediction and method.teacher.prediction_type == "epsilon"
     folder = tmp_path / "run" / "pipeline"
     pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch.float32)
@@ -327,9 +327,9 @@ def test_student_with_its_own_output_type_exports_it_and_a_chained_run_keeps_it(
         embeds = as_epsilon.encode_prompts(["fire", "sun"])
         t = torch.full((2,), 999)
         assert not torch.allclose(as_epsilon.predict(noise, t, embeds).x0, method.student(method.student_net).predict(noise, t, embeds).x0)
-    chained = train(random_teachers / "sd", tmp_path / "chained", use_lora=False, student_sampler=sampler, init_student_from=str(folder),
-                    max_train_steps=1)
-    assert chained.student_prediction == prediction
+    chained = LADDConfig(use_lora=False, student_sampler=sampler, init_student_from=str(folder))
+    assert resolve_student_prediction(chained, method.teacher) == prediction
+    assert resolve_student_prediction(LADDConfig(use_lora=False), method.teacher) == "epsilon"  # no start folder: the teacher's
 
 
 def test_flow_students_keep_the_velocity_output(random_teachers, tmp_path):
