@@ -68,3 +68,17 @@ def test_unet_ladd_refine_recipe_is_the_measured_run():
                     max_train_steps=1400, train_batch_size=32, synthetic_steps=25, synthetic_guidance_scale=4.0,
                     pretrained_teacher_model="tiny-sd", real_data="real", ema_decay=0.99)
     assert {k: getattr(refine, k) for k in measured} == measured
+
+
+def test_unet_fewer_step_recipes_chain_from_the_4_step_refinement_with_a_v_output():
+    four = load_config(LADDConfig, CONFIGS / "ladd_refine_tiny_sd.yaml")
+    one = load_config(LADDConfig, CONFIGS / "ladd_refine_tiny_sd_1step.yaml")
+    two = load_config(LADDConfig, CONFIGS / "ladd_refine_tiny_sd_2step.yaml")
+    assert one.init_student_from == f"{four.output_dir}/pipeline" and two.init_student_from == f"{one.output_dir}/pipeline"
+    shared = ["use_lora", "student_sampler", "deterministic_loss", "real_data", "adversarial_weight", "distill_weight",
+              "synthetic_steps", "synthetic_guidance_scale", "train_batch_size", "ema_decay", "disc_learning_rate"]
+    assert all(getattr(one, k) == getattr(four, k) == getattr(two, k) for k in shared)
+    measured_one = dict(student_steps=[1], student_prediction="v_prediction", learning_rate=3e-5, max_train_steps=1400)
+    measured_two = dict(student_steps=[2], student_prediction="auto", learning_rate=3e-5, max_train_steps=400)
+    assert {k: getattr(one, k) for k in measured_one} == measured_one
+    assert {k: getattr(two, k) for k in measured_two} == measured_two

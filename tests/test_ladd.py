@@ -300,7 +300,7 @@ def test_deterministic_student_exports_ddim_or_euler_and_a_fresh_pipeline_reprod
                       **grid_kwargs(meta, steps), **call).images
         torch.testing.assert_close(theirs, ours, atol=2e-4, rtol=1e-4)
     card = (folder / "README.md").read_text()
-    assert ("DDIMScheduler" in card) == (use_lora and kind == "sd")
+    assert ("DDIMScheduler" in card) == (use_lora and kind == "sd") and "The student outputs" not in card  # the teacher's type
 
 
 @pytest.mark.parametrize("sampler,scheduler_cls,prediction", [("deterministic", DDIMScheduler, "sample"),
@@ -315,6 +315,7 @@ def test_student_with_its_own_output_type_exports_it_and_a_chained_run_keeps_it(
     folder = tmp_path / "run" / "pipeline"
     pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch.float32)
     assert isinstance(pipe.scheduler, scheduler_cls) and pipe.scheduler.config.prediction_type == prediction
+    assert f"The student outputs `{prediction}`" in (folder / "README.md").read_text()
     pipe.set_progress_bar_config(disable=True)
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(8))
     for steps in (1, 2):

@@ -72,11 +72,12 @@ def write_lora(model: torch.nn.Module, teacher: TeacherWrapper, out_dir: Path, s
 
 def write_model_card(out_dir: Path, cfg: Any, teacher: TeacherWrapper, lora: bool, steps: int = 4,
                      guidance_scale: float | None = None, scheduler_setup: str | None = None,
-                     call_sigmas: list[float] | None = None) -> None:
+                     call_sigmas: list[float] | None = None, student_prediction: str | None = None) -> None:
     """A README.md next to the weights saying what they are and how to load them.
 
     ``scheduler_setup`` is the scheduler line of a LoRA's usage example (default: LCMScheduler for UNets);
-    ``call_sigmas`` is the noise grid the example passes when the student needs its own."""
+    ``call_sigmas`` is the noise grid the example passes when the student needs its own;
+    ``student_prediction`` is the student's output type where it is not the teacher's."""
     options = {k: v for k, v in dataclasses.asdict(cfg).items() if isinstance(v, (int, float, str, bool))}
     pipe_cls = type(teacher.pipe).__name__
     folder = out_dir.name.removeprefix(TMP_PREFIX)  # the card is written inside replace_folder's sibling
@@ -95,6 +96,9 @@ def write_model_card(out_dir: Path, cfg: Any, teacher: TeacherWrapper, lora: boo
                  f"image = pipe(prompt, num_inference_steps={steps}{sigmas}{guidance}).images[0]")
     lines = [f"# {cfg.__class__.__name__.removesuffix('Config')} student of `{cfg.pretrained_teacher_model}`", "",
              f"Distilled with stepdistill from a `{pipe_cls}` teacher ({teacher.prediction_type} prediction).", "",
+             *([] if student_prediction in (None, teacher.prediction_type) else
+               [f"The student outputs `{student_prediction}`, and its scheduler config says so: build any other "
+                "scheduler with `from_config(pipe.scheduler.config)` to keep it.", ""]),
              "```python", usage, "```", "", "## Training options", "",
              *[f"- `{k}`: {v}" for k, v in sorted(options.items())]]
     (out_dir / "README.md").write_text("\n".join(lines) + "\n")

@@ -344,4 +344,4 @@ class LADDMethod(LatentMethodBase):
         setup = f"{name}.from_config(pipe.scheduler.config, " + ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) + ")"
         sigmas = uniform_call_sigmas(steps) if grid_meta else None
         write_model_card(out_dir, self.cfg, self.teacher, lora=self.cfg.use_lora, steps=steps, guidance_scale=self.student_guidance,
-                         scheduler_setup=setup, call_sigmas=sigmas)
+                         scheduler_setup=setup, call_sigmas=sigmas, student_prediction=self.student_prediction)
