@@ -157,8 +157,8 @@ class LADDMethod(LatentMethodBase):
         # LCM's boundary scalings only where the export samples with LCMScheduler; DDIM and flow use x0 itself
         self.scaling = None if teacher.schedule.kind == "flow" or self.deterministic else cfg.timestep_scaling_factor
         base = teacher.model
+        self.student_prediction = resolve_student_prediction(cfg, teacher)  # before loading: a bad value fails fast
         self.student_net = build_student(teacher, cfg, init_from=cfg.init_student_from)
-        self.student_prediction = resolve_student_prediction(cfg, teacher)
         self.guidance_dim = None if teacher.is_dit else self.student_net.config.time_cond_proj_dim
         self.student_guidance = init_student_guidance(cfg.init_student_from) if self.guidance_dim else 1.0
         # w is fixed for the whole run: embed it once, not on every forward pass
