@@ -333,6 +333,18 @@ def test_student_with_its_own_output_type_exports_it_and_a_chained_run_keeps_it(
     assert resolve_student_prediction(LADDConfig(use_lora=False), method.teacher) == "epsilon"  # no start folder: the teacher's
 
 
+def test_resume_with_another_output_type_is_refused(random_teachers, tmp_path):
+    """The checkpoint's weights would load into either reading; only the one they were trained for is allowed."""
+    train(random_teachers / "sd", tmp_path / "run", use_lora=False, student_prediction="v_prediction", max_train_steps=1)
+    with pytest.raises(ConfigError, match=r"trained with student_prediction='v_prediction' but this run has "
+                                          r"student_prediction='epsilon'; pass --student_prediction v_prediction"):
+        train(random_teachers / "sd", tmp_path / "run", use_lora=False, student_prediction="epsilon", max_train_steps=2,
+              resume_from_checkpoint="latest")
+    method = train(random_teachers / "sd", tmp_path / "run", use_lora=False, student_prediction="v_prediction",
+                   max_train_steps=2, resume_from_checkpoint="latest")
+    assert method.student_prediction == "v_prediction" and (tmp_path / "run" / "checkpoint-2").is_dir()
+
+
 def test_flow_students_keep_the_velocity_output(random_teachers, tmp_path):
     with pytest.raises(ConfigError, match=r"student_prediction='sample' is for UNet \(VP\) teachers"):
         train(random_teachers / "sd3", tmp_path / "run", use_lora=False, student_prediction="sample", max_train_steps=1)
@@ -390,3 +402,43 @@ def test_student_ema_is_exported_and_resumed(random_teachers, tmp_path, use_lora
 def test_bad_ema_decay_is_refused():
     with pytest.raises(ConfigError, match=r"ema_decay=1.0 is out of range"):
         LADDConfig(ema_decay=1.0).validate()
+
+
+def test_two_process_run_with_the_loss_through_every_step_equals_one_process_run(random_teachers, tmp_path):
+    """deterministic_loss=final backpropagates through all the student's steps, so the DDP-wrapped student runs
+    several forwards before one backward; 2 gloo processes x batch 2 must still give the batch-4 result."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from method_runs import small_data
+
+    data = small_data()
+    np.savez_compressed(tmp_path / "small.npz", images=data.images, captions=np.array(data.captions))
+    common = ["--pretrained_teacher_model", str(random_teachers / "sd"), "--dataset", str(tmp_path / "small.npz"),
+              "--max_train_steps", "2", "--validation_steps", "0", "--report_to", "none", "--learning_rate", "1e-3",
+              "--lr_warmup_steps", "0", "--num_threads", "1", "--use_lora", "false", "--student_steps", "2",
+              "--student_sampler", "deterministic", "--deterministic_loss", "final", "--timestep_warmup_steps", "0",
+              "--real_data", "real", "--synthetic_steps", "2", "--disc_hidden", "8", "--distill_weight", "0.5"]
+    script = str(Path(__file__).resolve().parents[1] / "train_scripts" / "train_ladd.py")
+    single = subprocess.run([sys.executable, script, *common, "--output_dir", str(tmp_path / "one"), "--train_batch_size", "4"],
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-2000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541"]
+    double = subprocess.run([*torchrun, script, *common, "--output_dir", str(tmp_path / "two"), "--train_batch_size", "2"],
+                            capture_output=True, text=True, timeout=300)
+    assert double.returncode == 0, double.stderr[-2000:]
+    loss_one = float(single.stdout.split("final loss ")[1].split(";")[0])
+    losses_two = [float(part.split(";")[0]) for part in double.stdout.split("final loss ")[1:]]
+    assert len(losses_two) == 2 and all(abs(x - loss_one) < 1e-4 * max(1.0, abs(loss_one)) for x in losses_two)
+    weights = "pipeline/unet/diffusion_pytorch_model.safetensors"
+    a, b = load_file(tmp_path / "one" / weights), load_file(tmp_path / "two" / weights)
+    start = load_file(random_teachers / "sd" / "unet" / "diffusion_pytorch_model.safetensors")
+    moved = sum((a[k] - start[k]).abs().sum().item() for k in a)
+    apart = sum((a[k] - b[k]).abs().sum().item() for k in a)
+    # Adam turns float-order noise in near-zero gradients into updates of up to lr, so single weights may
+    # differ; over the whole network the runs must agree, while a wrong split or unsynced gradients differ by
+    # about as much as training moved the weights (measured: 1e-5 of it; one process at batch 2: 0.68)
+    assert moved > 0 and apart < 0.02 * moved

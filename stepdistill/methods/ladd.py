@@ -281,6 +281,10 @@ class LADDMethod(LatentMethodBase):
         # heads and their optimizer are prepared by the accelerator, so they are saved already
         return [self.student_ema] if self.student_ema is not None else []
 
+    def checkpoint_identity(self) -> dict[str, str]:
+        """Resolved settings a resume must share with the checkpoint (the loop refuses a mismatch)."""
+        return {"student_prediction": self.student_prediction}
+
     def shipped_weights(self) -> AbstractContextManager[Any]:
         """Context in which the student network holds the weights validation and export use: the EMA's, if on."""
         return self.student_ema.swapped_in() if self.student_ema is not None else nullcontext()

@@ -61,8 +61,9 @@ def _clear_removal_leftovers(output_dir: Path) -> None:
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, trainer: str, total_limit: int | None,
-                    extra_objects: list[Any] = ()) -> Path:
-    """Save the full training state at ``step``; the folder appears only once it is complete."""
+                    extra_objects: list[Any] = (), identity: dict[str, str] | None = None) -> Path:
+    """Save the full training state at ``step``; the folder appears only once it is complete. ``identity``
+    holds resolved settings that change what the weights mean (see :func:`resolve_resume`)."""
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".tmp-checkpoint-{step}"
     if accelerator.is_main_process:
@@ -74,7 +75,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, train
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_extra_states(list(extra_objects), tmp)
-        (tmp / META_FILE).write_text(json.dumps({"step": step, "trainer": trainer}))
+        (tmp / META_FILE).write_text(json.dumps({"step": step, "trainer": trainer, "identity": identity or {}}))
         swap_into_place(tmp, final)
         if total_limit is not None:
             for old in list_checkpoints(output_dir)[:-total_limit]:
@@ -83,8 +84,12 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, train
     return final
 
 
-def resolve_resume(output_dir: Path, resume_from: str | None, trainer: str) -> tuple[Path, int] | None:
-    """Map ``--resume_from_checkpoint`` (``latest`` or a path) to (folder, step); None to start fresh."""
+def resolve_resume(output_dir: Path, resume_from: str | None, trainer: str,
+                   identity: dict[str, str] | None = None) -> tuple[Path, int] | None:
+    """Map ``--resume_from_checkpoint`` (``latest`` or a path) to (folder, step); None to start fresh.
+
+    A setting in ``identity`` that differs from the checkpoint's is refused: the weights would load without
+    complaint and be read another way (a v-output student sampled as epsilon)."""
     if resume_from is None:
         return None
     if resume_from == "latest":
@@ -100,6 +105,11 @@ def resolve_resume(output_dir: Path, resume_from: str | None, trainer: str) -> t
     meta = json.loads((path / META_FILE).read_text())
     if meta["trainer"] != trainer:
         raise ConfigError(f"checkpoint {str(path)!r} was written by trainer {meta['trainer']!r}, not {trainer!r}")
+    for key, saved in meta.get("identity", {}).items():  # checkpoints older than identities have none
+        now = (identity or {}).get(key)
+        if now is not None and now != saved:
+            raise ConfigError(f"checkpoint {str(path)!r} was trained with {key}={saved!r} but this run has "
+                              f"{key}={now!r}; pass --{key} {saved} to resume it, or start a new output_dir")
     return path, int(meta["step"])
 
 

@@ -167,7 +167,8 @@ def _run_training(method: TrainingMethod, cfg: LoopConfig, tracker_config: dict[
     if prepare_extra is not None:
         prepare_extra(accelerator, out)
     start = 0
-    resume = resolve_resume(out, cfg.resume_from_checkpoint, method.name)
+    identity = getattr(method, "checkpoint_identity", dict)()  # optional: settings a resume must keep
+    resume = resolve_resume(out, cfg.resume_from_checkpoint, method.name, identity)
     if resume is not None:
         accelerator.load_state(str(resume[0]))
         load_extra_states(method.checkpoint_objects(), resume[0])
@@ -229,7 +230,8 @@ def _train_steps(method, cfg, accelerator, model, optimizer, lr_scheduler, start
         if on_step_end is not None:
             on_step_end(model, done, out, accelerator)
         if done % cfg.checkpointing_steps == 0 or done == cfg.max_train_steps:
-            save_checkpoint(accelerator, out, done, method.name, cfg.checkpoints_total_limit, method.checkpoint_objects())
+            save_checkpoint(accelerator, out, done, method.name, cfg.checkpoints_total_limit, method.checkpoint_objects(),
+                            getattr(method, "checkpoint_identity", dict)())
         if cfg.validation_steps and (done % cfg.validation_steps == 0 or done == cfg.max_train_steps) and accelerator.is_main_process:
             method.validate(accelerator.unwrap_model(model), done, out / "validation", accelerator)
     return logs
