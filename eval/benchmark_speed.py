@@ -38,6 +38,8 @@ def measure_trainer(trainer: str, out: Path, batch: int, warmup: int, steps: int
     """Train ``warmup + steps`` steps with the trainer's shipped config; time the last ``steps``."""
     import resource
 
+    import torch
+
     from stepdistill.config import parse_cli
     from stepdistill.methods.common import load_teacher_and_data
     from stepdistill.training.loop import run_training
@@ -65,37 +67,45 @@ def measure_trainer(trainer: str, out: Path, batch: int, warmup: int, steps: int
         marks[done] = time.perf_counter()
         if done == warmup:
             STEP_TIMER.reset(enabled=True)
+            if torch.cuda.is_available():  # the peak of the training steps, not of encoding the dataset
+                torch.cuda.reset_peak_memory_stats()
 
     method.on_step_end = on_step_end
     run_training(method, cfg)
     seconds = (marks[total] - marks[warmup]) / steps
     split = {k: v / steps for k, v in STEP_TIMER.totals.items()}
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None  # tensors, not the cache
     return {"trainer": trainer, "batch": batch, "s_per_step": seconds, "images_per_s": batch / seconds,
-            "split_s_per_step": split, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "split_s_per_step": split, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_gpu_mib": gpu}
 
 
 # --- sampling latency --------------------------------------------------------------------------------------
 def measure_sampling(teacher: str, students: list[str], steps: list[int], batch_sizes: list[int],
-                     repeats: int = 5, max_sequence_length: int = 8) -> tuple[list[dict], list[dict]]:
+                     repeats: int = 5, max_sequence_length: int = 8, device: str = "cpu",
+                     dtype: str = "fp32") -> tuple[list[dict], list[dict]]:
     """Median latency per image (text encoding and VAE decode included) of the teacher (50 steps, CFG 4: DDIM,
     or Euler for a flow teacher) and each student at every step count and images-per-call batch size, with the
     speed-up over the teacher at the same batch size; and, per batch size, the call's parts timed alone with
     the speed-up they imply."""
+    import torch
+
     from stepdistill.evaluation.generate import Generator, load_student, shared_noise, teacher_solver
     from stepdistill.evaluation.sampling_parts import predicted_speedup, sampling_parts_ms
     from stepdistill.teacher import load_teacher
     from stepdistill.testbed import resolve_teacher_path
 
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     path = resolve_teacher_path(teacher)
-    wrapper = load_teacher(path, max_sequence_length=max_sequence_length)
-    noise = shared_noise(wrapper, max(batch_sizes), 0)
+    wrapper = load_teacher(path, device=device, dtype=torch_dtype, max_sequence_length=max_sequence_length)
+    noise = shared_noise(wrapper, max(batch_sizes), 0).to(device, torch_dtype)  # pipelines take latents as given
     solver = "euler" if wrapper.schedule.kind == "flow" else "ddim"  # DDIM has no flow-matching form in diffusers
     wrapper.pipe.scheduler = teacher_solver(wrapper.pipe, solver)
     call = {"max_sequence_length": max_sequence_length} if wrapper.is_dit else {}  # as the sweep and the trainers
     label = {"ddim": "DDIM", "euler": "Euler"}[solver]
     generators = [(f"teacher {label}, CFG 4", Generator("teacher", wrapper.pipe, 4.0, call), [50])]
     for spec in students:
-        generators.append((spec.split("=")[0], load_student(spec, path, call), steps))  # LoRA students fused, as deployed
+        generators.append((spec.split("=")[0], load_student(spec, path, call, device, torch_dtype), steps))  # LoRA students fused, as deployed
     rows, teacher_ms, parts_rows = [], {}, []
     for batch in batch_sizes:
         if students:  # no student, no speed-up to explain
@@ -264,6 +274,8 @@ def main() -> None:
     parser.add_argument("--sampling_batch_sizes", default="1",
                         help="images per pipeline call for the sampling part, e.g. 1,16 (latency is per image)")
     parser.add_argument("--sampling_repeats", type=int, default=5, help="timed calls per sampling row (median)")
+    parser.add_argument("--sampling_device", default="cpu", help="sampling part: cpu or cuda")
+    parser.add_argument("--sampling_dtype", default="fp32", help="sampling part: weights in fp32, fp16 or bf16")
     parser.add_argument("--max_sequence_length", type=int, default=8,
                         help="SD3-class teachers: zero-T5 tokens per prompt, as in the sweep (testbed DiT: 8)")
     parser.add_argument("--reference_script", help="diffusers' train_lcm_distill_lora_sd_wds.py (reference part)")
@@ -292,6 +304,15 @@ def main() -> None:
         sys.exit(f"error: --parts {args.parts!r} may only name training, sampling and reference")
     sampling_steps = int_list(args.sampling_steps, "--sampling_steps")
     batch_sizes = int_list(args.sampling_batch_sizes, "--sampling_batch_sizes")
+    if args.sampling_device not in ("cpu", "cuda"):
+        sys.exit(f"error: --sampling_device {args.sampling_device!r} is not known; allowed: cpu, cuda")
+    if args.sampling_device == "cuda" and "sampling" in parts:
+        import torch
+
+        if not torch.cuda.is_available():
+            sys.exit("error: --sampling_device 'cuda' needs a CUDA GPU; torch.cuda.is_available() is False here")
+    if args.sampling_dtype not in ("fp32", "fp16", "bf16"):
+        sys.exit(f"error: --sampling_dtype {args.sampling_dtype!r} is not known; allowed: fp32, fp16, bf16")
     if args.reference_pairs < 1:
         sys.exit(f"error: --reference_pairs {str(args.reference_pairs)!r} must be a positive integer")
     for option in ("reference_processes", "stepdistill_processes"):
@@ -317,11 +338,14 @@ def main() -> None:
             report["training"].append(row)
             split = ", ".join(f"{k} {v:.3f}" for k, v in sorted(row["split_s_per_step"].items()))
             print(f"{trainer:12s} {row['images_per_s']:7.1f} img/s  {row['s_per_step']:.3f} s/step ({split})  "
-                  f"peak RSS {row['peak_rss_mib']:.0f} MiB", flush=True)
+                  f"peak RSS {row['peak_rss_mib']:.0f} MiB"
+                  + (f", peak GPU memory {row['peak_gpu_mib']:.0f} MiB" if row.get("peak_gpu_mib") is not None else ""),
+                  flush=True)
     if "sampling" in parts:
         report["sampling"], report["sampling_parts"] = measure_sampling(args.teacher, args.students, sampling_steps,
                                                                         batch_sizes, args.sampling_repeats,
-                                                                        args.max_sequence_length)
+                                                                        args.max_sequence_length, args.sampling_device,
+                                                                        args.sampling_dtype)
         for row in report["sampling"]:
             print(f"{row['model']:24s} {row['steps']:3d} steps  {row['images_per_call']:3d} per call  "
                   f"{row['latency_ms']:8.1f} ms/image  {row['speedup_vs_teacher']:5.1f}x", flush=True)

@@ -97,6 +97,8 @@ def test_latency_is_per_image_of_a_batched_call():
     ("--sampling_steps", "4,x", "must be a comma list of positive integers, e.g. 1,16"),
     ("--parts", "sampling,speed", "may only name training, sampling and reference"),
     ("--reference_pairs", "0", "must be a positive integer"),
+    ("--sampling_device", "tpu", "is not known; allowed: cpu, cuda"),
+    ("--sampling_dtype", "int8", "is not known; allowed: fp32, fp16, bf16"),
 ])
 def test_benchmark_refuses_bad_parts_steps_or_batch_lists(tmp_path, option, value, message):
     import subprocess
@@ -116,7 +118,9 @@ def test_speed_report_tables_and_plot(tmp_path):
 
     report = {
         "training": [{"trainer": "lcm", "batch": 32, "images_per_s": 91.4, "s_per_step": 0.35,
-                      "split_s_per_step": {"student": 0.3, "data": 0.01}, "peak_rss_mib": 1376.3}],
+                      "split_s_per_step": {"student": 0.3, "data": 0.01}, "peak_rss_mib": 1376.3},
+                     {"trainer": "lcm", "batch": 8, "images_per_s": 20.5, "s_per_step": 0.39,
+                      "split_s_per_step": {"student": 0.3}, "peak_rss_mib": 5120.0, "peak_gpu_mib": 14336.4}],
         "sampling": [{"model": "teacher DDIM, CFG 4", "steps": 50, "images_per_call": 1, "latency_ms": 640.0, "speedup_vs_teacher": 1.0},
                      {"model": "lcm-lora", "steps": 4, "images_per_call": 1, "latency_ms": 44.3, "speedup_vs_teacher": 14.45}],
         "sampling_parts": [{"images_per_call": 1, "parts_ms": {"encode": 1.0, "encode_cfg": 2.0, "pass": 8.0, "cfg_pass": 11.0, "decode": 5.0},
@@ -125,7 +129,8 @@ def test_speed_report_tables_and_plot(tmp_path):
                       "stepdistill": {"images_per_s": 91.4, "peak_rss_mib": 1376.3, "s_per_step": 0.35}, "speedup": 1.257},
     }
     text = speed_markdown(report)
-    assert "| lcm | 32 | 91.4 | 0.350 | data 0.010, student 0.300 | 1376 |" in text
+    assert "| lcm | 32 | 91.4 | 0.350 | data 0.010, student 0.300 | 1376 | n/a |" in text  # a CPU run
+    assert "| lcm | 8 | 20.5 | 0.390 | student 0.300 | 5120 | 14336 |" in text
     assert "| lcm-lora | 4 | 1 | 44.3 | 14.4x |" in text and "speed-up: 1.26x" in text
     assert "| 1 | 1.0 | 2.0 | 8.0 | 11.0 | 5.0 | 14.6x (17.2x) |" in text and "implied 4-step speed-up" in text
     write_speed_plot(report, tmp_path / "speed.png")
@@ -253,3 +258,28 @@ def test_sampling_benchmark_times_a_flow_teacher_with_euler():
     assert rows[0]["latency_ms"] > 0 and rows[0]["speedup_vs_teacher"] == 1.0 and parts == []
     rows, _ = bench.measure_sampling("tiny-sd", [], [4], [1], repeats=1)
     assert rows[0]["model"] == "teacher DDIM, CFG 4"
+
+
+def test_sampling_benchmark_runs_the_pipelines_in_the_asked_dtype(monkeypatch):
+    """On a GPU the rows are timed in fp16 or bf16; the initial latents must follow the weights' dtype."""
+    from importlib.util import module_from_spec, spec_from_file_location
+
+    from stepdistill.evaluation import generate
+    from stepdistill.testbed import shipped_teacher_path
+
+    spec = spec_from_file_location("benchmark_speed", Path(__file__).resolve().parents[1] / "eval" / "benchmark_speed.py")
+    bench = module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    seen, original = [], generate.Generator.images
+
+    def recording(self, prompts, steps, noise, batch_size):
+        seen.append((self.name, self.pipe.unet.dtype, noise.dtype))
+        return original(self, prompts, steps, noise, batch_size)
+
+    monkeypatch.setattr(generate.Generator, "images", recording)
+    rows, parts = bench.measure_sampling("tiny-sd", [f"same={shipped_teacher_path('tiny-sd')}"], [2], [1], repeats=1,
+                                         dtype="bf16")
+    assert {name for name, _, _ in seen} == {"teacher", "same"}
+    assert all(weights == noise == torch.bfloat16 for _, weights, noise in seen)
+    assert [(r["model"], r["steps"]) for r in rows] == [("teacher DDIM, CFG 4", 50), ("same", 2)]
+    assert rows[1]["speedup_vs_teacher"] > 1 and parts[0]["parts_ms"]["decode"] > 0

@@ -90,3 +90,69 @@ def test_denoiser_stage_without_vae_is_one_line_error(tmp_path, capsys):
     rc = load_script("train_teacher").main(["--vae_path", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.count("\n") == 0 and "vae_path=" in err and "nope" in err
+
+
+def test_full_size_pipeline_has_sd15s_published_parameter_counts():
+    """The GPU checks time SD1.5's architecture with random weights; the parameter counts of SD1.5's
+    released UNet, CLIP ViT-L/14 text tower and KL-f8 VAE pin that every shape is the real one."""
+    from accelerate import init_empty_weights
+
+    from stepdistill.testbed.full_size import CLIP_CONTEXT, caption_tokenizer_77, sd15_text_encoder, sd15_unet, sd15_vae
+
+    tokenizer = caption_tokenizer_77()
+    assert tokenizer.model_max_length == CLIP_CONTEXT == 77
+    from stepdistill.testbed.tokenizer import caption_words
+
+    caption = load_emoji32().captions[0]
+    assert len(tokenizer(caption).input_ids) == len(caption_words([caption])) + 2  # a token per word, <bos>, <eos>
+    with init_empty_weights():  # shapes only: no 4 GB of random numbers
+        counts = [sum(p.numel() for p in net.parameters()) for net in (sd15_unet(), sd15_text_encoder(tokenizer), sd15_vae())]
+    assert counts == [859_520_964, 123_060_480, 83_653_863]
+
+
+def test_full_size_pipeline_folder_is_written_whole_and_never_over_another(tmp_path, monkeypatch, capsys):
+    from stepdistill.testbed import full_size, shipped_teacher_path
+
+    tiny = StableDiffusionPipeline.from_pretrained(shipped_teacher_path("tiny-sd"), dtype=torch.float32)
+    monkeypatch.setattr(full_size, "build_sd15_random_pipeline", lambda seed=0: tiny)  # the saving, not the 4 GB
+    assert full_size.main(["--output_dir", str(tmp_path / "sd15"), "--dtype", "bf16"]) == 0
+    from safetensors.torch import load_file
+
+    loaded = StableDiffusionPipeline.from_pretrained(tmp_path / "sd15", dtype=torch.float32)
+    torch.testing.assert_close(loaded.unet.conv_in.weight, tiny.unet.conv_in.weight.to(torch.bfloat16).float())
+    on_disk = load_file(tmp_path / "sd15" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert {t.dtype for t in on_disk.values()} == {torch.bfloat16} and not list(tmp_path.glob(".tmp-*"))
+    assert full_size.main(["--output_dir", str(tmp_path / "sd15")]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"output_dir={str(tmp_path / 'sd15')!r} already exists and is not an "
+                                                   "empty folder; give a new one")
+    assert full_size.main(["--output_dir", str(tmp_path / "other"), "--dtype", "int8"]) == 2
+    assert "dtype='int8' is not known; allowed: fp32, fp16, bf16" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
+
+
+def test_dataset_encoding_chunks_shrink_with_the_resolution():
+    """64 images of 512 px in one VAE call took 24 GB on the CPU (killed); the testbed keeps its 64."""
+    from types import SimpleNamespace
+
+    from stepdistill.methods.common import encode_images
+
+    calls = []
+
+    class CountingVAE(torch.nn.Module):
+        def __init__(self, size: int):
+            super().__init__()
+            self.config = SimpleNamespace(sample_size=size, scaling_factor=0.5, get=lambda key: None)
+            self.device, self.dtype = torch.device("cpu"), torch.float32
+
+        def encode(self, x):
+            calls.append(x.shape[0])
+            mean = x[:, :, ::8, ::8] + 1
+            return SimpleNamespace(latent_dist=SimpleNamespace(mode=lambda: mean))
+
+    for size, count, chunks in ((512, 3, [1, 1, 1]), (32, 100, [64, 36]), (128, 20, [16, 4])):
+        calls.clear()
+        vae = CountingVAE(size)
+        teacher = SimpleNamespace(pipe=SimpleNamespace(vae=vae), schedule=SimpleNamespace(kind="vp"))
+        pixels = torch.rand(count, 3, size, size)
+        latents = encode_images(teacher, pixels)
+        assert calls == chunks and torch.equal(latents, (pixels[:, :, ::8, ::8] + 1) * 0.5)

@@ -72,7 +72,8 @@ class Generator:
         return median_ms(lambda: self.images(prompts, steps, latents, batch_size), repeats) / batch_size
 
 
-def load_student(spec: str, teacher_path: Path, call_kwargs: dict) -> Generator:
+def load_student(spec: str, teacher_path: Path, call_kwargs: dict, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> Generator:
     """``name=path``: a LoRA folder (loaded into a fresh teacher pipeline) or a full pipeline folder."""
     name, sep, path = spec.partition("=")
     if not sep or not name:
@@ -80,13 +81,13 @@ def load_student(spec: str, teacher_path: Path, call_kwargs: dict) -> Generator:
     folder = Path(path)
     meta = read_student_meta(folder)
     if (folder / LORA_FILE).is_file():
-        pipe = load_teacher(teacher_path).pipe
+        pipe = load_teacher(teacher_path, device=device, dtype=dtype).pipe
         check_lora_fits(folder, pipe, meta)
         pipe.load_lora_weights(str(folder))
         pipe.fuse_lora()  # as users deploy it: the adapter folded into the weights ...
         pipe.unload_lora_weights()  # ... and the peft wrappers removed (they cost 20-30% of a 4-step call here)
     elif (folder / "model_index.json").is_file():
-        pipe = load_teacher(folder).pipe
+        pipe = load_teacher(folder, device=device, dtype=dtype).pipe
     else:
         raise ModelError(f"student {spec!r}: {path!r} holds neither {LORA_FILE} nor a pipeline (model_index.json)")
     if "scheduler" in meta:

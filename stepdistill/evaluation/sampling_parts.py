@@ -14,13 +14,21 @@ from stepdistill.sampling import decode, initial_noise
 from stepdistill.teacher import TeacherWrapper
 
 
+def _wait_for_gpu() -> None:
+    """CUDA kernels run after the call returns; a timer must wait for them (no-op without CUDA)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
     """Median wall-clock milliseconds of ``repeats`` calls after one warm-up call."""
     fn()
     times = []
     for _ in range(repeats):
+        _wait_for_gpu()
         start = time.perf_counter()
         fn()
+        _wait_for_gpu()
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
 
@@ -32,7 +40,7 @@ def sampling_parts_ms(teacher: TeacherWrapper, batch_size: int, guidance_scale: 
     the empty prompt), ``pass`` (one denoiser evaluation), ``cfg_pass`` (one guided evaluation: a batch of
     2 x ``batch_size``) and ``decode`` (the VAE)."""
     prompts = ["rocket"] * batch_size
-    x = initial_noise(teacher, batch_size, seed=0)
+    x = initial_noise(teacher, batch_size, seed=0).to(next(teacher.model.parameters()).device)
     t = torch.full((batch_size,), teacher.schedule.num_train_timesteps // 2)
     embeds = teacher.encode_prompts(prompts)
     uncond = teacher.empty_prompt(batch_size)

@@ -28,11 +28,12 @@ def speed_markdown(report: dict[str, Any]) -> str:
     """One markdown table per part present in ``report`` (training, sampling and its parts, reference)."""
     parts = []
     if report.get("training"):
-        lines = ["| trainer | batch | images/s | s/step | split (s/step) | peak RSS (MiB) |", "|---|---|---|---|---|---|"]
+        lines = ["| trainer | batch | images/s | s/step | split (s/step) | peak RSS (MiB) | peak GPU memory (MiB) |",
+                 "|---|---|---|---|---|---|---|"]
         for row in report["training"]:
             split = ", ".join(f"{k} {v:.3f}" for k, v in sorted(row["split_s_per_step"].items()))
             lines.append(f"| {row['trainer']} | {row['batch']} | {row['images_per_s']:.1f} | {row['s_per_step']:.3f} | "
-                         f"{split} | {row['peak_rss_mib']:.0f} |")
+                         f"{split} | {row['peak_rss_mib']:.0f} | {_mib(row.get('peak_gpu_mib'))} |")
         parts.append("\n".join(lines))
     if report.get("sampling"):
         lines = ["| model | steps | images per call | ms/image | speed-up over the teacher |", "|---|---|---|---|---|"]

@@ -62,7 +62,7 @@ def has_native_bf16(device_type: str) -> bool:
 class LatentPromptData:
     """Training pairs as (scaled VAE latent, caption): latents are encoded once, prompts cached by the teacher."""
 
-    def __init__(self, teacher: TeacherWrapper, data: ImageCaptionSet, batch: int = 64):
+    def __init__(self, teacher: TeacherWrapper, data: ImageCaptionSet, batch: int | None = None):
         self.teacher, self.captions = teacher, data.captions
         self.latents = encode_images(teacher, data.pixel_tensor(), batch)
 
@@ -119,14 +119,19 @@ def load_teacher_and_data(cfg: Any) -> tuple[TeacherWrapper, LatentPromptData]:
     return teacher, LatentPromptData(teacher, load_dataset(cfg.dataset, resolution=cfg.resolution))
 
 
+ENCODE_PIXEL_BUDGET = 64 * 64 * 64  # pixels per VAE encode call: 64 testbed images, one at 512 px
+
+
 @torch.no_grad()
-def encode_images(teacher: TeacherWrapper, pixels: torch.Tensor, batch: int = 64) -> torch.Tensor:
-    """Posterior means in the pipeline's latent space (SD3: shifted, then scaled)."""
+def encode_images(teacher: TeacherWrapper, pixels: torch.Tensor, batch: int | None = None) -> torch.Tensor:
+    """Posterior means in the pipeline's latent space (SD3: shifted, then scaled). By default the chunks
+    shrink with the resolution: 64 images of 512 px in one call would take tens of GB of activations."""
     vae = teacher.pipe.vae
     expected = vae.config.sample_size
     if pixels.shape[-1] != expected:
         raise ConfigError(f"dataset resolution {pixels.shape[-1]} does not match the teacher VAE's sample_size {expected}; "
                           f"pass --resolution {expected}")
+    batch = batch or max(1, min(64, ENCODE_PIXEL_BUDGET // (pixels.shape[-1] * pixels.shape[-2])))
     out = []
     for chunk in pixels.split(batch):
         latents = vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist.mode().float()
