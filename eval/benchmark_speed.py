@@ -323,6 +323,8 @@ def main() -> None:
         sys.exit(f"error: --reference_script {args.reference_script!r} is not a file; give diffusers' "
                  "examples/consistency_distillation/train_lcm_distill_lora_sd_wds.py")
     out.mkdir(parents=True, exist_ok=True)
+    from stepdistill.evaluation.speed_report import rate_text, speed_markdown, write_speed_plot
+
     report: dict = {}
     if "training" in parts:
         report["training"] = []
@@ -337,7 +339,7 @@ def main() -> None:
             row = json.loads(line[len("RESULT "):])
             report["training"].append(row)
             split = ", ".join(f"{k} {v:.3f}" for k, v in sorted(row["split_s_per_step"].items()))
-            print(f"{trainer:12s} {row['images_per_s']:7.1f} img/s  {row['s_per_step']:.3f} s/step ({split})  "
+            print(f"{trainer:12s} {rate_text(row['images_per_s']):>7s} img/s  {row['s_per_step']:.3f} s/step ({split})  "
                   f"peak RSS {row['peak_rss_mib']:.0f} MiB"
                   + (f", peak GPU memory {row['peak_gpu_mib']:.0f} MiB" if row.get("peak_gpu_mib") is not None else ""),
                   flush=True)
@@ -369,8 +371,6 @@ def main() -> None:
               f"stepdistill {ours['images_per_s']:.1f} img/s, {memory_text(ours)}; "
               f"speed-up {report['reference']['speedup']:.2f}x", flush=True)
     (out / "bench_speed.json").write_text(json.dumps(report, indent=2))
-    from stepdistill.evaluation.speed_report import speed_markdown, write_speed_plot
-
     (out / "bench_speed.md").write_text(speed_markdown(report))
     write_speed_plot(report, out / "bench_speed.png")
     print(f"report: {out / 'bench_speed.md'}, {out / 'bench_speed.png'}", flush=True)

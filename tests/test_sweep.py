@@ -119,7 +119,7 @@ def test_speed_report_tables_and_plot(tmp_path):
     report = {
         "training": [{"trainer": "lcm", "batch": 32, "images_per_s": 91.4, "s_per_step": 0.35,
                       "split_s_per_step": {"student": 0.3, "data": 0.01}, "peak_rss_mib": 1376.3},
-                     {"trainer": "lcm", "batch": 8, "images_per_s": 20.5, "s_per_step": 0.39,
+                     {"trainer": "lcm", "batch": 8, "images_per_s": 0.0284, "s_per_step": 35.2,
                       "split_s_per_step": {"student": 0.3}, "peak_rss_mib": 5120.0, "peak_gpu_mib": 14336.4}],
         "sampling": [{"model": "teacher DDIM, CFG 4", "steps": 50, "images_per_call": 1, "latency_ms": 640.0, "speedup_vs_teacher": 1.0},
                      {"model": "lcm-lora", "steps": 4, "images_per_call": 1, "latency_ms": 44.3, "speedup_vs_teacher": 14.45}],
@@ -130,7 +130,7 @@ def test_speed_report_tables_and_plot(tmp_path):
     }
     text = speed_markdown(report)
     assert "| lcm | 32 | 91.4 | 0.350 | data 0.010, student 0.300 | 1376 | n/a |" in text  # a CPU run
-    assert "| lcm | 8 | 20.5 | 0.390 | student 0.300 | 5120 | 14336 |" in text
+    assert "| lcm | 8 | 0.028 | 35.200 | student 0.300 | 5120 | 14336 |" in text
     assert "| lcm-lora | 4 | 1 | 44.3 | 14.4x |" in text and "speed-up: 1.26x" in text
     assert "| 1 | 1.0 | 2.0 | 8.0 | 11.0 | 5.0 | 14.6x (17.2x) |" in text and "implied 4-step speed-up" in text
     write_speed_plot(report, tmp_path / "speed.png")

@@ -32,7 +32,7 @@ def speed_markdown(report: dict[str, Any]) -> str:
                  "|---|---|---|---|---|---|---|"]
         for row in report["training"]:
             split = ", ".join(f"{k} {v:.3f}" for k, v in sorted(row["split_s_per_step"].items()))
-            lines.append(f"| {row['trainer']} | {row['batch']} | {row['images_per_s']:.1f} | {row['s_per_step']:.3f} | "
+            lines.append(f"| {row['trainer']} | {row['batch']} | {rate_text(row['images_per_s'])} | {row['s_per_step']:.3f} | "
                          f"{split} | {row['peak_rss_mib']:.0f} | {_mib(row.get('peak_gpu_mib'))} |")
         parts.append("\n".join(lines))
     if report.get("sampling"):
@@ -76,6 +76,11 @@ def speed_markdown(report: dict[str, Any]) -> str:
                              f"{b['images_per_s'] / a['images_per_s']:.2f}x |")
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"
+
+
+def rate_text(images_per_s: float) -> str:
+    """Images/s with one decimal, or three below 1 (a full-size UNet on the CPU is not "0.0")."""
+    return f"{images_per_s:.1f}" if images_per_s >= 1 else f"{images_per_s:.3f}"
 
 
 def _mib(value: float | None) -> str:
