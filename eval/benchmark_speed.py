@@ -88,14 +88,12 @@ def measure_sampling(teacher: str, students: list[str], steps: list[int], batch_
     or Euler for a flow teacher) and each student at every step count and images-per-call batch size, with the
     speed-up over the teacher at the same batch size; and, per batch size, the call's parts timed alone with
     the speed-up they imply."""
-    import torch
-
     from stepdistill.evaluation.generate import Generator, load_student, shared_noise, teacher_solver
     from stepdistill.evaluation.sampling_parts import predicted_speedup, sampling_parts_ms
-    from stepdistill.teacher import load_teacher
+    from stepdistill.teacher import WEIGHT_DTYPES, load_teacher
     from stepdistill.testbed import resolve_teacher_path
 
-    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    torch_dtype = WEIGHT_DTYPES[dtype]
     path = resolve_teacher_path(teacher)
     wrapper = load_teacher(path, device=device, dtype=torch_dtype, max_sequence_length=max_sequence_length)
     noise = shared_noise(wrapper, max(batch_sizes), 0).to(device, torch_dtype)  # pipelines take latents as given

@@ -20,6 +20,7 @@ from stepdistill.schedule import NoiseSchedule
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusion3Pipeline", "LatentConsistencyModelPipeline")
+WEIGHT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # names options take
 
 
 @dataclass

@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from stepdistill.data.emoji32 import load_emoji32
 from stepdistill.methods.common import LatentPromptData
@@ -30,3 +34,25 @@ def train_method(config_cls: type, method_cls: type, teacher_dir: Path, out: Pat
     method = method_cls(cfg, teacher, LatentPromptData(teacher, small_data()))
     run_training(method, cfg)
     return method
+
+
+def small_npz(folder: Path) -> Path:
+    """``small_data()`` as a ``--dataset`` file for the training scripts."""
+    data = small_data()
+    path = folder / "small.npz"
+    np.savez_compressed(path, images=data.images, captions=np.array(data.captions))
+    return path
+
+
+def one_and_two_process_losses(script: str, options: list[str], out: Path, port: int) -> tuple[float, list[float]]:
+    """Run a training script as 1 process x batch 4 (into out/one) and as 2 torchrun gloo processes x batch 2
+    (into out/two); return the single run's final loss and each process's."""
+    single = subprocess.run([sys.executable, script, *options, "--output_dir", str(out / "one"), "--train_batch_size", "4"],
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-2000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    double = subprocess.run([*torchrun, script, *options, "--output_dir", str(out / "two"), "--train_batch_size", "2"],
+                            capture_output=True, text=True, timeout=300)
+    assert double.returncode == 0, double.stderr[-2000:]
+    loss_one = float(single.stdout.split("final loss ")[1].split(";")[0])
+    return loss_one, [float(part.split(";")[0]) for part in double.stdout.split("final loss ")[1:]]

@@ -407,31 +407,17 @@ def test_bad_ema_decay_is_refused():
 def test_two_process_run_with_the_loss_through_every_step_equals_one_process_run(random_teachers, tmp_path):
     """deterministic_loss=final backpropagates through all the student's steps, so the DDP-wrapped student runs
     several forwards before one backward; 2 gloo processes x batch 2 must still give the batch-4 result."""
-    import subprocess
-    import sys
-
-    import numpy as np
     from safetensors.torch import load_file
 
-    from method_runs import small_data
+    from method_runs import one_and_two_process_losses, small_npz
 
-    data = small_data()
-    np.savez_compressed(tmp_path / "small.npz", images=data.images, captions=np.array(data.captions))
-    common = ["--pretrained_teacher_model", str(random_teachers / "sd"), "--dataset", str(tmp_path / "small.npz"),
+    common = ["--pretrained_teacher_model", str(random_teachers / "sd"), "--dataset", str(small_npz(tmp_path)),
               "--max_train_steps", "2", "--validation_steps", "0", "--report_to", "none", "--learning_rate", "1e-3",
               "--lr_warmup_steps", "0", "--num_threads", "1", "--use_lora", "false", "--student_steps", "2",
               "--student_sampler", "deterministic", "--deterministic_loss", "final", "--timestep_warmup_steps", "0",
               "--real_data", "real", "--synthetic_steps", "2", "--disc_hidden", "8", "--distill_weight", "0.5"]
     script = str(Path(__file__).resolve().parents[1] / "train_scripts" / "train_ladd.py")
-    single = subprocess.run([sys.executable, script, *common, "--output_dir", str(tmp_path / "one"), "--train_batch_size", "4"],
-                            capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr[-2000:]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541"]
-    double = subprocess.run([*torchrun, script, *common, "--output_dir", str(tmp_path / "two"), "--train_batch_size", "2"],
-                            capture_output=True, text=True, timeout=300)
-    assert double.returncode == 0, double.stderr[-2000:]
-    loss_one = float(single.stdout.split("final loss ")[1].split(";")[0])
-    losses_two = [float(part.split(";")[0]) for part in double.stdout.split("final loss ")[1:]]
+    loss_one, losses_two = one_and_two_process_losses(script, common, tmp_path, port=29541)
     assert len(losses_two) == 2 and all(abs(x - loss_one) < 1e-4 * max(1.0, abs(loss_one)) for x in losses_two)
     weights = "pipeline/unet/diffusion_pytorch_model.safetensors"
     a, b = load_file(tmp_path / "one" / weights), load_file(tmp_path / "two" / weights)

@@ -4,12 +4,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline, LatentConsistencyModelPipeline, LCMScheduler, StableDiffusion3Pipeline, StableDiffusionPipeline
 
-from method_runs import small_data, train_method
+from method_runs import train_method
 from stepdistill.errors import ConfigError
 from stepdistill.methods.lcm import LCMConfig, LCMMethod
 
@@ -139,27 +138,15 @@ def test_bad_lcm_options(overrides, match):
 
 def test_two_process_cpu_run_equals_one_process_run(random_teachers, tmp_path):
     """torchrun with 2 gloo processes x batch 2 gives the 1-process batch-4 result (same noise, synced grads)."""
-    import subprocess
-    import sys
-
     from safetensors.torch import load_file
 
-    data = small_data()
-    np.savez_compressed(tmp_path / "small.npz", images=data.images, captions=np.array(data.captions))
-    common = ["--pretrained_teacher_model", str(random_teachers / "sd"), "--dataset", str(tmp_path / "small.npz"),
+    from method_runs import one_and_two_process_losses, small_npz
+
+    common = ["--pretrained_teacher_model", str(random_teachers / "sd"), "--dataset", str(small_npz(tmp_path)),
               "--max_train_steps", "3", "--validation_steps", "0", "--report_to", "none", "--learning_rate", "1e-3",
               "--lr_warmup_steps", "0", "--lora_rank", "4", "--num_threads", "1"]
-    root = Path(__file__).resolve().parents[1]
-    script = str(root / "train_scripts" / "train_lcm.py")
-    single = subprocess.run([sys.executable, script, *common, "--output_dir", str(tmp_path / "one"), "--train_batch_size", "4"],
-                            capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr[-2000:]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
-    double = subprocess.run([*torchrun, script, *common, "--output_dir", str(tmp_path / "two"), "--train_batch_size", "2"],
-                            capture_output=True, text=True, timeout=300)
-    assert double.returncode == 0, double.stderr[-2000:]
-    loss_one = float(single.stdout.split("final loss ")[1].split(";")[0])
-    losses_two = [float(part.split(";")[0]) for part in double.stdout.split("final loss ")[1:]]
+    script = str(Path(__file__).resolve().parents[1] / "train_scripts" / "train_lcm.py")
+    loss_one, losses_two = one_and_two_process_losses(script, common, tmp_path, port=29533)
     assert len(losses_two) == 2 and all(abs(x - loss_one) < 1e-4 * max(1.0, abs(loss_one)) for x in losses_two)
     a = load_file(tmp_path / "one" / "lora" / "pytorch_lora_weights.safetensors")
     b = load_file(tmp_path / "two" / "lora" / "pytorch_lora_weights.safetensors")

@@ -20,11 +20,11 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionMod
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from stepdistill.errors import ConfigError, cli_errors
+from stepdistill.teacher import WEIGHT_DTYPES
 from stepdistill.testbed.tiny_models import sd15_scheduler
 
 CLIP_CONTEXT = 77  # tokens per prompt in SD1.5's text encoder
 CLIP_VOCAB = 49408  # kept so that the embedding table has its real size
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def sd15_unet() -> UNet2DConditionModel:
@@ -61,9 +61,8 @@ def caption_tokenizer_77() -> CLIPTokenizer:
     from stepdistill.data.emoji32 import load_emoji32
     from stepdistill.testbed.tokenizer import write_caption_tokenizer
 
-    with tempfile.TemporaryDirectory() as folder:
-        written = write_caption_tokenizer(load_emoji32().captions, folder, max_length=CLIP_CONTEXT)
-        return CLIPTokenizer.from_pretrained(folder, model_max_length=written.model_max_length)
+    with tempfile.TemporaryDirectory() as folder:  # the tokenizer holds its vocabulary in memory once loaded
+        return write_caption_tokenizer(load_emoji32().captions, folder, max_length=CLIP_CONTEXT)
 
 
 def build_sd15_random_pipeline(seed: int = 0) -> StableDiffusionPipeline:
@@ -78,8 +77,8 @@ def build_sd15_random_pipeline(seed: int = 0) -> StableDiffusionPipeline:
 
 def save_sd15_random_pipeline(output_dir: str | Path, dtype: str = "fp16", seed: int = 0) -> Path:
     """Write the pipeline with ``save_pretrained`` (safetensors); an existing non-empty folder is refused."""
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype={dtype!r} is not known; allowed: {', '.join(DTYPES)}")
+    if dtype not in WEIGHT_DTYPES:
+        raise ConfigError(f"dtype={dtype!r} is not known; allowed: {', '.join(WEIGHT_DTYPES)}")
     out = Path(output_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"output_dir={str(out)!r} already exists and is not an empty folder; give a new one")
@@ -87,7 +86,7 @@ def save_sd15_random_pipeline(output_dir: str | Path, dtype: str = "fp16", seed:
     partial = out.with_name(f".tmp-{out.name}")  # the folder appears only once complete
     if partial.exists():  # left by a killed run
         shutil.rmtree(partial)
-    pipe.to(DTYPES[dtype]).save_pretrained(partial, safe_serialization=True)
+    pipe.to(WEIGHT_DTYPES[dtype]).save_pretrained(partial, safe_serialization=True)
     partial.rename(out)
     return out
 
