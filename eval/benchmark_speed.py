@@ -17,6 +17,7 @@ repository at the installed version (needs ``webdataset``, ``braceexpand`` and `
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import os
 import re
@@ -25,8 +26,10 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
+from typing import BinaryIO
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINER_CONFIGS = {"lcm": "lcm_lora_tiny_sd.yaml", "progressive": "progressive_tiny_sd.yaml", "ladd": "ladd_lora_tiny_sd.yaml"}
@@ -148,36 +151,71 @@ def _png(image) -> bytes:
     return buffer.getvalue()
 
 
-TQDM = re.compile(r"(\d+)/(\d+) \[(?:(\d+):)?(\d+):(\d+)<")
+TQDM_BAR = re.compile(r"^(?P<label>.*?):?\s*\d+%\|[^|]*\|\s*(?P<n>\d+)/(?P<total>\d+) \[")
 
 
-def tqdm_seconds_per_step(log: str, warmup: int) -> float:
-    """Elapsed time between the warm-up step and the last step, read from a tqdm progress log."""
-    seen: dict[int, float] = {}
-    for match in TQDM.finditer(log):
-        n, hours, minutes, secs = int(match[1]), int(match[3] or 0), int(match[4]), int(match[5])
-        seen.setdefault(n, hours * 3600 + minutes * 60 + secs)
-    last = max(seen)
+def read_stamped(stream: BinaryIO) -> list[tuple[float, str]]:
+    """Everything ``stream`` yields until it closes, as (time it arrived, text) chunks."""
+    decoder, chunks = codecs.getincrementaldecoder("utf-8")(errors="replace"), []
+    while data := os.read(stream.fileno(), 65536):
+        chunks.append((time.monotonic(), decoder.decode(data)))
+    return chunks
+
+
+def stamped_lines(chunks: list[tuple[float, str]]) -> Iterator[tuple[float, str]]:
+    """The log's lines, each with the time its first character arrived. tqdm redraws as carriage return plus
+    bar, so a bar's text arrives at its redraw, while its end only comes with the next one."""
+    carry, began = "", 0.0
+    for stamp, text in chunks:
+        *ended, rest = re.split(r"[\r\n]", text)
+        if not carry:
+            began = stamp
+        if ended:
+            yield began, carry + ended[0]
+            yield from ((stamp, line) for line in ended[1:])
+            carry, began = rest, stamp
+        else:
+            carry += rest
+    if carry:
+        yield began, carry
+
+
+def tqdm_seconds_per_step(chunks: list[tuple[float, str]], warmup: int, total: int) -> float:
+    """Seconds per step between step ``warmup`` and the last step of the run's own progress bar: the last bar
+    to appear with ``total`` steps (loading a model prints bars of its own, from transformers 5 on), timed by
+    when each step's redraw reached us rather than by tqdm's whole-second elapsed field."""
+    bars: dict[str, dict[int, float]] = {}
+    for stamp, line in stamped_lines(chunks):
+        match = TQDM_BAR.search(line)
+        if match and int(match["total"]) == total:
+            bar = bars.pop(match["label"].strip(), {})  # re-inserted: the dict's last bar is the last one drawn
+            bar.setdefault(int(match["n"]), stamp)
+            bars[match["label"].strip()] = bar
+    seen = bars[next(reversed(bars))] if bars else {}
+    last = max(seen, default=0)
     if warmup not in seen or last <= warmup:
-        raise RuntimeError(f"no tqdm progress found between step {warmup} and the end; log tail: {log[-500:]}")
+        tail = "".join(text for _, text in chunks)[-500:]
+        raise RuntimeError(f"no {total}-step tqdm progress found between step {warmup} and the end; log tail: {tail}")
     return (seen[last] - seen[warmup]) / (last - warmup)
 
 
-def run_timed(cmd: list[str], env: dict[str, str]) -> tuple[str, float, float | None]:
-    """Run ``cmd``; return its stderr, the peak RSS of the largest single process in its tree (wait4 folds in
-    the reaped descendants': the main process, or with ``accelerate launch`` the largest training process) and
-    the peak PSS of its whole process tree (data-loader workers and every launched process included; None where
-    /proc does not tell), both in MiB."""
+def run_timed(cmd: list[str], env: dict[str, str], gpu: bool = False) -> tuple[list[tuple[float, str]], float, float | None, float | None]:
+    """Run ``cmd``; return its stderr as (arrival time, text) chunks, the peak RSS of the largest single process
+    in its tree (wait4 folds in the reaped descendants': the main process, or with ``accelerate launch`` the
+    largest training process), the peak PSS of its whole process tree (data-loader workers and every launched
+    process included; None where /proc does not tell), both in MiB, and with ``gpu`` the peak GPU memory
+    nvidia-smi shows for the tree (MiB; None where it shows none)."""
     from stepdistill.evaluation.process_memory import PeakTreeMemory, available
 
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    with PeakTreeMemory(proc.pid) as tree:
-        err = proc.stderr.read()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    with PeakTreeMemory(proc.pid, gpu=gpu) as tree:
+        chunks = read_stamped(proc.stderr)
         _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
+        err = "".join(text for _, text in chunks)
         raise RuntimeError(f"{' '.join(cmd[:2])} failed ({proc.returncode}): {err[-3000:]}")
-    return err, usage.ru_maxrss / 1024, tree.peak if available() else None
+    return chunks, usage.ru_maxrss / 1024, tree.peak if available() else None, tree.gpu_peak
 
 
 def compatible_reference(script: Path, work: Path) -> Path:
@@ -202,40 +240,57 @@ def launched(script: Path, processes: int, mixed_precision: str) -> list[str]:
             "--mixed_precision", mixed_precision, "--dynamo_backend", "no", str(script)]
 
 
+def teacher_resolution(teacher_dir: Path) -> int:
+    """The image size both scripts train at: the teacher VAE's ``sample_size`` (testbed 32, SD1.5 512)."""
+    config = teacher_dir / "vae" / "config.json"
+    if not config.is_file():
+        raise SystemExit(f"error: teacher {str(teacher_dir)!r} has no vae/config.json; give a diffusers pipeline folder")
+    return int(json.loads(config.read_text()).get("sample_size", 32))
+
+
+def reference_commands(script: Path, work: Path, teacher_dir: Path, batch: int, total_steps: int, extra: list[str],
+                       mixed_precision: str, processes: tuple[int, int]) -> tuple[list[str], list[str]]:
+    """(reference, ours): the two launch lines for the same LCM-LoRA work at the teacher's own resolution.
+    Both scripts' batch size is per process, so each gets its share of the global ``batch``."""
+    shared = ["--pretrained_teacher_model", str(teacher_dir), "--resolution", str(teacher_resolution(teacher_dir)),
+              "--max_train_steps", str(total_steps), "--learning_rate", "3e-5", "--lr_warmup_steps", "0", "--lora_rank", "16",
+              "--lora_alpha", "16", "--num_ddim_timesteps", "50", "--w_min", "3", "--w_max", "3", "--loss_type", "l2",
+              "--mixed_precision", mixed_precision, "--report_to", "tensorboard", "--seed", "0", "--checkpointing_steps", "100000"]
+    per_process = [["--train_batch_size", str(batch // n)] for n in processes]
+    reference = [*launched(script, processes[0], mixed_precision), *shared, *per_process[0], "--output_dir", str(work / "reference"),
+                 "--train_shards_path_or_url",
+                 write_shards(work / "shards", repeats=2 + total_steps * batch // 1388), "--max_train_samples", "1388",
+                 "--dataloader_num_workers", "1", "--validation_steps", "100000"]
+    ours = [*launched(ROOT / "train_scripts" / "train_lcm.py", processes[1], mixed_precision), *shared, *per_process[1],
+            "--output_dir", str(work / "ours"),
+            "--validation_steps", "0", "--use_target_network", "false", "--overwrite_output_dir", *extra]
+    return reference, ours
+
+
 def compare_with_reference(script: Path, work: Path, teacher: str, batch: int, warmup: int, steps: int,
                            extra: list[str] | None = None, pairs: int = 1, mixed_precision: str = "no",
                            processes: tuple[int, int] = (1, 1)) -> dict:
     """Same LCM-LoRA work through diffusers' reference script and through train_lcm.py, ``pairs`` times back to
     back (reference, then ours); the medians of the pairs. ``processes`` (reference, ours) data-parallel
-    processes share the global ``batch`` (both scripts' batch size is per process). The reference decodes its
-    images in one data-loader worker per process, its minimum (it divides by the worker count)."""
+    processes share the global ``batch``. The reference decodes its images in one data-loader worker per
+    process, its minimum (it divides by the worker count). On a CUDA machine each run's peak GPU memory is read
+    from nvidia-smi, from outside the script, so both are measured the same way."""
+    import torch
+
     from stepdistill.evaluation.speed_report import summarise_reference_pairs
     from stepdistill.testbed import resolve_teacher_path
 
-    teacher_dir = str(resolve_teacher_path(teacher))
-    total = str(warmup + steps)
-    script = compatible_reference(script, work)
-    shared = ["--pretrained_teacher_model", teacher_dir, "--resolution", "32",
-              "--max_train_steps", total, "--learning_rate", "3e-5", "--lr_warmup_steps", "0", "--lora_rank", "16",
-              "--lora_alpha", "16", "--num_ddim_timesteps", "50", "--w_min", "3", "--w_max", "3", "--loss_type", "l2",
-              "--mixed_precision", mixed_precision, "--report_to", "tensorboard", "--seed", "0", "--checkpointing_steps", "100000"]
+    reference, ours = reference_commands(compatible_reference(script, work), work, Path(resolve_teacher_path(teacher)),
+                                         batch, warmup + steps, extra or [], mixed_precision, processes)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_MININTERVAL": "0"}
-    per_process = [["--train_batch_size", str(batch // n)] for n in processes]
-    reference = [*launched(script, processes[0], mixed_precision), *shared, *per_process[0], "--output_dir", str(work / "reference"),
-                 "--train_shards_path_or_url",
-                 write_shards(work / "shards", repeats=2 + (warmup + steps) * batch // 1388), "--max_train_samples", "1388",
-                 "--dataloader_num_workers", "1", "--validation_steps", "100000"]
-    ours = [*launched(ROOT / "train_scripts" / "train_lcm.py", processes[1], mixed_precision), *shared, *per_process[1],
-            "--output_dir", str(work / "ours"),
-            "--validation_steps", "0", "--use_target_network", "false", "--overwrite_output_dir", *(extra or [])]
     results = []
     for index in range(pairs):
         pair = {}
         for name, cmd in (("reference", reference), ("stepdistill", ours)):
-            log, peak, tree_peak = run_timed(cmd, env)
-            seconds = tqdm_seconds_per_step(log, warmup)
+            log, peak, tree_peak, gpu_peak = run_timed(cmd, env, gpu=torch.cuda.is_available())
+            seconds = tqdm_seconds_per_step(log, warmup, warmup + steps)
             pair[name] = {"s_per_step": seconds, "images_per_s": batch / seconds, "peak_rss_mib": peak,
-                          "peak_tree_pss_mib": tree_peak}
+                          "peak_tree_pss_mib": tree_peak, "peak_gpu_mib": gpu_peak}
         print(f"pair {index + 1}/{pairs}: reference {pair['reference']['images_per_s']:.1f} img/s, "
               f"stepdistill {pair['stepdistill']['images_per_s']:.1f} img/s", flush=True)
         results.append(pair)
@@ -243,9 +298,10 @@ def compare_with_reference(script: Path, work: Path, teacher: str, batch: int, w
 
 
 def memory_text(run: dict) -> str:
-    """'1300 MiB RSS (largest process), 1420 MiB PSS (process tree)' for the console."""
+    """'1300 MiB RSS (largest process), 1420 MiB PSS (process tree)[, 9000 MiB GPU]' for the console."""
     text = f"{run['peak_rss_mib']:.0f} MiB RSS (largest process)"
-    return text + (f", {run['peak_tree_pss_mib']:.0f} MiB PSS (process tree)" if run.get("peak_tree_pss_mib") else "")
+    text += f", {run['peak_tree_pss_mib']:.0f} MiB PSS (process tree)" if run.get("peak_tree_pss_mib") else ""
+    return text + (f", {run['peak_gpu_mib']:.0f} MiB GPU (nvidia-smi)" if run.get("peak_gpu_mib") else "")
 
 
 def int_list(text: str, option: str) -> list[int]:

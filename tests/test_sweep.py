@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -206,6 +207,114 @@ def test_tree_memory_sees_a_worker_process_that_max_rss_misses():
     with PeakTreeMemory(proc.pid, interval=0.05) as tree:
         assert proc.wait() == 0
     assert tree.peak > 480
+
+
+def test_tree_gpu_memory_is_read_from_nvidia_smi_for_the_tree_only(tmp_path, monkeypatch):
+    """On a GPU machine the reference comparison reads each script's GPU memory from outside it: the sum over
+    the launched process and its children of what nvidia-smi lists, not other processes' memory; without
+    nvidia-smi there is no figure rather than a zero."""
+    import subprocess
+    import sys
+
+    from stepdistill.evaluation.process_memory import PeakTreeMemory, tree_gpu_mib
+
+    listing = tmp_path / "apps.csv"
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\ncat {listing}\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:/usr/bin:/bin")
+    child = "import subprocess, sys; subprocess.run([sys.executable, '-c', 'import time; time.sleep(1.5)'])"
+    proc = subprocess.Popen([sys.executable, "-c", child])
+    time.sleep(0.5)
+    kids = descendant_pids(proc.pid)
+    listing.write_text(f"{proc.pid}, 1500\n{kids[0]}, 2500\n999999999, 70000\n[N/A], [N/A]\n")
+    with PeakTreeMemory(proc.pid, interval=0.05, gpu=True) as tree:
+        assert proc.wait() == 0
+    assert tree.gpu_peak == 4000.0  # the script and its child, not the stranger
+    assert tree_gpu_mib(999999998) is None  # a process nvidia-smi does not list
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-smi at all
+    assert tree_gpu_mib(os.getpid()) is None
+
+
+def descendant_pids(pid: int) -> list[int]:
+    from stepdistill.evaluation.process_memory import descendants
+
+    for _ in range(50):
+        if found := descendants(pid):
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"process {pid} started no child")
+
+
+def test_reference_comparison_trains_both_scripts_at_the_teachers_resolution(tmp_path):
+    """The same launch options for both scripts, at the teacher VAE's own image size: 32 px for the testbed,
+    512 px for an SD1.5-size teacher on the GPU (it used to be 32 for every teacher)."""
+    from importlib.util import module_from_spec, spec_from_file_location
+
+    from stepdistill.testbed import shipped_teacher_path
+
+    spec = spec_from_file_location("benchmark_speed", Path(__file__).resolve().parents[1] / "eval" / "benchmark_speed.py")
+    bench = module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    big = tmp_path / "sd15" / "vae"
+    big.mkdir(parents=True)
+    (big / "config.json").write_text('{"sample_size": 512}')
+    reference, ours = bench.reference_commands(Path("ref.py"), tmp_path / "work", big.parent, 8, 13, ["--num_threads", "1"],
+                                               "fp16", (1, 2))
+
+    def option(cmd: list[str], name: str) -> str:
+        return cmd[cmd.index(name) + 1]
+
+    for cmd in (reference, ours):
+        assert option(cmd, "--resolution") == "512" and option(cmd, "--pretrained_teacher_model") == str(big.parent)
+        assert option(cmd, "--mixed_precision") == "fp16" and option(cmd, "--max_train_steps") == "13"
+    assert option(reference, "--train_batch_size") == "8" and option(ours, "--train_batch_size") == "4"  # 2 processes
+    assert ours[-2:] == ["--num_threads", "1"] and Path(option(reference, "--train_shards_path_or_url")).is_file()
+    reference, _ = bench.reference_commands(Path("ref.py"), tmp_path / "work", shipped_teacher_path("tiny-sd"), 32, 5, [],
+                                            "no", (1, 1))
+    assert option(reference, "--resolution") == "32"
+    with pytest.raises(SystemExit, match="has no vae/config.json"):
+        bench.teacher_resolution(tmp_path)
+
+
+def test_reference_timing_reads_the_runs_own_progress_bar_by_arrival_time(tmp_path):
+    """Both scripts are timed from their tqdm bars. Loading a model draws bars too (transformers 5), whose
+    step numbers once overwrote the run's own and gave 0 s per step; and tqdm's elapsed field has whole
+    seconds. The run's bar is the last with the run's step count, timed by when each redraw arrives."""
+    import sys
+    from importlib.util import module_from_spec, spec_from_file_location
+
+    spec = spec_from_file_location("benchmark_speed", Path(__file__).resolve().parents[1] / "eval" / "benchmark_speed.py")
+    bench = module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import time\nfrom tqdm import tqdm\n"
+        "for _ in tqdm(range(36), desc='Loading weights', mininterval=0): pass\n"
+        "for _ in tqdm(range(8), desc='Loading shards', mininterval=0): pass\n"
+        "for step in tqdm(range(8), desc='Steps', mininterval=0):\n"
+        "    time.sleep(0.05 if step < 3 else 0.25)\n")
+    chunks, rss, _, gpu = bench.run_timed([sys.executable, str(script)], dict(__import__("os").environ))
+    seconds = bench.tqdm_seconds_per_step(chunks, warmup=3, total=8)
+    assert 0.22 < seconds < 0.35 and rss > 0 and gpu is None  # steps 4-8 took 0.25 s each; no GPU asked
+    with pytest.raises(RuntimeError, match="no 9-step tqdm progress"):
+        bench.tqdm_seconds_per_step(chunks, warmup=3, total=9)
+    # a redraw split across two reads counts from when it began
+    split = [(0.5, "\rSteps:  0%|  | 0/8 [00:00<?]"), (1.0, "\rSteps:  50%|#  | 4/"), (2.0, "8 [00:01<00:01]"),
+             (3.0, "\rSteps: 100%|##| 8/8 [00:02<00:00]\n")]
+    assert bench.tqdm_seconds_per_step(split, warmup=4, total=8) == pytest.approx(0.5)
+
+
+def test_reference_report_shows_gpu_memory_when_measured():
+    from stepdistill.evaluation.speed_report import speed_markdown, summarise_reference_pairs
+
+    run = {"images_per_s": 40.0, "s_per_step": 0.2, "peak_rss_mib": 3000.0, "peak_tree_pss_mib": 3100.0}
+    summary = summarise_reference_pairs([{"reference": {**run, "peak_gpu_mib": 21000.0},
+                                          "stepdistill": {**run, "images_per_s": 60.0, "peak_gpu_mib": 15000.0}}])
+    assert summary["stepdistill"]["peak_gpu_mib"] == 15000.0
+    text = speed_markdown({"reference": summary})
+    assert "peak GPU memory, nvidia-smi (MiB)" in text and "| stepdistill | 60.0 | 3000 | 3100 | 15000 |" in text
 
 
 def test_sampling_parts_time_the_right_calls(sd_pipe, monkeypatch):

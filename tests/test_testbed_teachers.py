@@ -156,3 +156,22 @@ def test_dataset_encoding_chunks_shrink_with_the_resolution():
         pixels = torch.rand(count, 3, size, size)
         latents = encode_images(teacher, pixels)
         assert calls == chunks and torch.equal(latents, (pixels[:, :, ::8, ::8] + 1) * 0.5)
+
+
+@pytest.mark.parametrize("parts, message", [
+    ("training bogus", "error: PARTS names 'bogus'; allowed: training, sampling, reference"),
+    ("training", "error: eval/gpu_check.sh needs a CUDA GPU; torch.cuda.is_available() is False"),
+])
+def test_gpu_check_refuses_bad_parts_and_a_machine_without_cuda(tmp_path, parts, message):
+    """The GPU check is only run on a scarce GPU machine: a bad part name or a CPU machine is one line and
+    nothing written, before any model is built."""
+    import os
+    import subprocess
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    script = Path(__file__).resolve().parents[1] / "eval" / "gpu_check.sh"
+    done = subprocess.run(["bash", str(script), str(tmp_path / "out"), str(tmp_path / "work")], capture_output=True,
+                          text=True, env={**os.environ, "PARTS": parts, "PYTHON": sys.executable})
+    assert done.returncode != 0 and done.stderr.strip().splitlines()[-1] == message
+    assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()

@@ -15,7 +15,7 @@ def summarise_reference_pairs(pairs: list[dict[str, Any]]) -> dict[str, Any]:
         raise ValueError("no reference pair was measured")
     summary: dict[str, Any] = {}
     for name in ("reference", "stepdistill"):
-        keys = [key for key in ("images_per_s", "s_per_step", "peak_rss_mib", "peak_tree_pss_mib")
+        keys = [key for key in ("images_per_s", "s_per_step", "peak_rss_mib", "peak_tree_pss_mib", "peak_gpu_mib")
                 if all(pair[name].get(key) is not None for pair in pairs)]
         summary[name] = {key: statistics.median(pair[name][key] for pair in pairs) for key in keys}
     summary["speedup"] = statistics.median(pair["stepdistill"]["images_per_s"] / pair["reference"]["images_per_s"]
@@ -60,11 +60,12 @@ def speed_markdown(report: dict[str, Any]) -> str:
         label = f"median of {len(pairs)} pairs" if len(pairs) > 1 else "one pair"
         processes = ref.get("processes", {})
         label += "".join(f"; {name} as {n} processes" for name, n in processes.items() if n > 1)
-        lines = [f"| LCM-LoRA script ({label}) | images/s | peak RSS, largest process (MiB) | peak PSS, process tree (MiB) |",
-                 "|---|---|---|---|"]
+        gpu = any(ref[name].get("peak_gpu_mib") is not None for name in ("reference", "stepdistill"))
+        lines = [f"| LCM-LoRA script ({label}) | images/s | peak RSS, largest process (MiB) | peak PSS, process tree (MiB) |"
+                 + (" peak GPU memory, nvidia-smi (MiB) |" if gpu else ""), "|---|---|---|---|" + ("---|" if gpu else "")]
         for name in ("reference", "stepdistill"):
             lines.append(f"| {name} | {ref[name]['images_per_s']:.1f} | {ref[name]['peak_rss_mib']:.0f} | "
-                         f"{_mib(ref[name].get('peak_tree_pss_mib'))} |")
+                         f"{_mib(ref[name].get('peak_tree_pss_mib'))} |" + (f" {_mib(ref[name].get('peak_gpu_mib'))} |" if gpu else ""))
         lines.append(f"\nspeed-up: {ref['speedup']:.2f}x")
         if len(pairs) > 1:
             lines += ["", "| pair | reference images/s, RSS, tree PSS (MiB) | stepdistill images/s, RSS, tree PSS (MiB) | speed-up |",
@@ -121,7 +122,8 @@ def write_speed_plot(report: dict[str, Any], path: Path) -> None:
             names = ["reference", "stepdistill"]
             bars = ax.bar(names, [ref[n]["images_per_s"] for n in names], color=["tab:gray", "tab:blue"])
             ax.bar_label(bars, labels=[f"RSS {ref[n]['peak_rss_mib']:.0f} MiB" + (
-                f"\ntree PSS {ref[n]['peak_tree_pss_mib']:.0f} MiB" if ref[n].get("peak_tree_pss_mib") else "")
+                f"\ntree PSS {ref[n]['peak_tree_pss_mib']:.0f} MiB" if ref[n].get("peak_tree_pss_mib") else "") + (
+                f"\nGPU {ref[n]['peak_gpu_mib']:.0f} MiB" if ref[n].get("peak_gpu_mib") else "")
                 for n in names], fontsize=8)
             ax.set_ylabel("LCM-LoRA training images/s")
             ax.set_title(f"against diffusers' script: {ref['speedup']:.2f}x")
