@@ -5,14 +5,15 @@ and LCM-LoRA against diffusers' reference script on the same teacher, batch and 
     python eval/benchmark_speed.py --parts reference --reference_script path/to/train_lcm_distill_lora_sd_wds.py
 
 Each training measurement runs in its own process (so peak memory is its own): ``--measure_steps`` steps
-are timed after ``--warmup_steps``. The reference comparison times both scripts the same way, from their tqdm
-progress (elapsed time between the warm-up step and the last step), with the same batch, LoRA rank, solver
-grid, loss and guidance range; its peak memory is each main process's max RSS and, since the reference
-decodes images in a data-loader worker process, the peak PSS of each whole process tree. The one change made to a copy
-of the reference script is the length of its unconditional prompt (hard-coded 77 tokens; the testbed's text
-encoder takes 32). The reference script is not
-shipped: take ``examples/consistency_distillation/train_lcm_distill_lora_sd_wds.py`` from the diffusers
-repository at the installed version (needs ``webdataset``, ``braceexpand`` and ``torchvision``).
+are timed after ``--warmup_steps``. The reference comparison times both scripts the same way, from their own
+tqdm progress bar (when the redraws of the warm-up step and of the last step arrive), with the same batch,
+LoRA rank, solver grid, loss and guidance range, at the teacher VAE's resolution; its peak memory is each
+main process's max RSS and, since the reference decodes images in a data-loader worker process, the peak PSS
+of each whole process tree, plus on a CUDA machine the GPU memory nvidia-smi shows for each tree. The one
+change made to a copy of the reference script is the length of its unconditional prompt (hard-coded 77
+tokens; the testbed's text encoder takes 32). The reference script is not shipped: take
+``examples/consistency_distillation/train_lcm_distill_lora_sd_wds.py`` from the diffusers repository at the
+installed version (needs ``webdataset``, ``braceexpand`` and ``torchvision``).
 """
 from __future__ import annotations
 
@@ -199,7 +200,8 @@ def tqdm_seconds_per_step(chunks: list[tuple[float, str]], warmup: int, total: i
     return (seen[last] - seen[warmup]) / (last - warmup)
 
 
-def run_timed(cmd: list[str], env: dict[str, str], gpu: bool = False) -> tuple[list[tuple[float, str]], float, float | None, float | None]:
+def run_timed(cmd: list[str], env: dict[str, str],
+              gpu: bool = False) -> tuple[list[tuple[float, str]], float, float | None, float | None]:
     """Run ``cmd``; return its stderr as (arrival time, text) chunks, the peak RSS of the largest single process
     in its tree (wait4 folds in the reaped descendants': the main process, or with ``accelerate launch`` the
     largest training process), the peak PSS of its whole process tree (data-loader workers and every launched
