@@ -8,6 +8,7 @@ any other parameterisation follows (Salimans & Ho 2022, eq. 3-4 for v; Lipman et
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,13 +20,14 @@ from stepdistill.errors import ModelError
 from stepdistill.schedule import NoiseSchedule
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusion3Pipeline", "LatentConsistencyModelPipeline")
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline",
+                       "LatentConsistencyModelPipeline")
 WEIGHT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # names options take
 
 
 @dataclass
 class PromptEmbeds:
-    """Text conditioning of a batch: token states (B, L, D) and, for DiTs, pooled embeddings (B, P)."""
+    """Text conditioning of a batch: token states (B, L, D) and, for SD3 and SDXL, pooled embeddings (B, P)."""
 
     hidden: torch.Tensor
     pooled: torch.Tensor | None = None
@@ -115,6 +117,17 @@ def _call_sd3_transformer(model: torch.nn.Module, x: torch.Tensor, t: torch.Tens
                  return_dict=False, **extra)[0]
 
 
+def _call_sdxl_unet(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, embeds: PromptEmbeds,
+                    pixels_per_latent: int = 8, **extra: Any) -> torch.Tensor:
+    """SDXL's UNet also takes the pooled text embedding and six size numbers (Podell et al. 2023, sec. 2.2):
+    original size, crop corner and target size. The pipeline's defaults, used here too, are the image size
+    and no crop, so they follow from the latent's shape."""
+    height, width = x.shape[-2] * pixels_per_latent, x.shape[-1] * pixels_per_latent
+    time_ids = torch.tensor([height, width, 0, 0, height, width], device=x.device, dtype=x.dtype).expand(x.shape[0], 6)
+    return model(x, t, encoder_hidden_states=embeds.hidden, added_cond_kwargs={"text_embeds": embeds.pooled, "time_ids": time_ids},
+                 return_dict=False, **extra)[0]
+
+
 DENOISER_CALLS = {"UNet2DConditionModel": _call_unet, "SD3Transformer2DModel": _call_sd3_transformer}
 
 
@@ -129,11 +142,14 @@ class TeacherWrapper:
                  max_sequence_length: int = 256):
         name = type(pipe).__name__
         denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
-        if denoiser is None or type(denoiser).__name__ not in DENOISER_CALLS:
+        if name not in SUPPORTED_PIPELINES or denoiser is None or type(denoiser).__name__ not in DENOISER_CALLS:
             raise ModelError(f"pipeline class {name!r} is not supported; supported: {', '.join(SUPPORTED_PIPELINES)}")
         self.pipe = pipe
         self.model = model if model is not None else denoiser
         self.denoiser_class = type(denoiser).__name__
+        self.is_sdxl = name == "StableDiffusionXLPipeline"
+        self._call = (functools.partial(_call_sdxl_unet, pixels_per_latent=pipe.vae_scale_factor) if self.is_sdxl
+                      else DENOISER_CALLS[self.denoiser_class])
         self.schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
         self.prediction_type = prediction_type or self._infer_prediction_type()
         if self.prediction_type not in PREDICTION_TYPES:
@@ -175,6 +191,11 @@ class TeacherWrapper:
             hidden, _, pooled, _ = self.pipe.encode_prompt(prompts, prompts, None, device=device,
                                                            do_classifier_free_guidance=False,
                                                            max_sequence_length=self.max_sequence_length)
+        elif self.is_sdxl:
+            hidden, _, pooled, _ = self.pipe.encode_prompt(prompts, device=device, do_classifier_free_guidance=False)
+            if self.pipe.config.get("force_zeros_for_empty_prompt", False):  # the pipeline's own unconditional input
+                empty = torch.tensor([p == "" for p in prompts], device=hidden.device)
+                hidden, pooled = hidden * ~empty.view(-1, 1, 1), pooled * ~empty.view(-1, 1)
         else:
             hidden, _ = self.pipe.encode_prompt(prompts, device, 1, False)
             pooled = None
@@ -191,7 +212,7 @@ class TeacherWrapper:
         t = torch.as_tensor(t, device=x.device)
         t = t.expand(x.shape[0]) if t.dim() == 0 else t
         model_dtype = next(self.model.parameters()).dtype
-        out = DENOISER_CALLS[self.denoiser_class](self.model, x.to(model_dtype), t, embeds.to(x.device, model_dtype), **extra)
+        out = self._call(self.model, x.to(model_dtype), t, embeds.to(x.device, model_dtype), **extra)
         return out.float()
 
     def features(self, x: torch.Tensor, t: torch.Tensor, embeds: PromptEmbeds, **extra: Any) -> list[torch.Tensor]:

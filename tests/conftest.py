@@ -41,9 +41,15 @@ def sd3_pipe(tokenizer):
 
 
 @pytest.fixture(scope="session")
-def random_teachers(tmp_path_factory, sd_pipe, sd3_pipe):
-    """The random SD and SD3 pipelines saved as folders, the way a trainer receives a teacher."""
+def sdxl_pipe(tokenizer):
+    return _random_pipe("sdxl", tokenizer)
+
+
+@pytest.fixture(scope="session")
+def random_teachers(tmp_path_factory, sd_pipe, sd3_pipe, sdxl_pipe):
+    """The random SD, SD3 and SDXL pipelines saved as folders, the way a trainer receives a teacher."""
     root = tmp_path_factory.mktemp("teachers")
     sd_pipe.save_pretrained(root / "sd")
     sd3_pipe.save_pretrained(root / "sd3")
+    sdxl_pipe.save_pretrained(root / "sdxl")
     return root

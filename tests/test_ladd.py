@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import (DDIMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, LCMScheduler, StableDiffusion3Pipeline,
-                       StableDiffusionPipeline)
+                       StableDiffusionPipeline, StableDiffusionXLPipeline)
 
 from method_runs import train_method
 from stepdistill.errors import ConfigError
@@ -48,7 +48,8 @@ def test_timestep_warmup_moves_from_the_noisiest_to_uniform(random_teachers, tmp
     torch.testing.assert_close(method.timestep_probabilities(50), torch.full((4,), 0.25))
 
 
-@pytest.mark.parametrize("kind,cls", [("sd", StableDiffusionPipeline), ("sd3", StableDiffusion3Pipeline)])
+@pytest.mark.parametrize("kind,cls", [("sd", StableDiffusionPipeline), ("sd3", StableDiffusion3Pipeline),
+                                      ("sdxl", StableDiffusionXLPipeline)])
 def test_lora_export_samples_like_our_sampler_in_a_fresh_pipeline(random_teachers, tmp_path, kind, cls):
     import diffusers
 
@@ -75,7 +76,7 @@ def test_lora_export_samples_like_our_sampler_in_a_fresh_pipeline(random_teacher
     assert 'load_lora_weights("lora")' in card and (("sigmas=[1.0, 0.75, 0.5, 0.25]" in card) == (kind == "sd3"))
 
 
-@pytest.mark.parametrize("kind", ["sd", "sd3"])
+@pytest.mark.parametrize("kind", ["sd", "sd3", "sdxl"])
 def test_full_student_pipeline_loads_with_its_few_step_scheduler(random_teachers, tmp_path, kind):
     method = train(random_teachers / kind, tmp_path / "run", use_lora=False)
     extra = {"text_encoder_3": None, "tokenizer_3": None} if kind == "sd3" else {}

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import DiffusionPipeline, LatentConsistencyModelPipeline, LCMScheduler, StableDiffusion3Pipeline, StableDiffusionPipeline
+from diffusers import (DiffusionPipeline, LatentConsistencyModelPipeline, LCMScheduler, StableDiffusion3Pipeline,
+                       StableDiffusionPipeline, StableDiffusionXLPipeline)
 
 from method_runs import train_method
 from stepdistill.errors import ConfigError
@@ -17,7 +18,8 @@ def train(teacher_dir: Path, out: Path, **overrides) -> LCMMethod:
     return train_method(LCMConfig, LCMMethod, teacher_dir, out, **{"w_min": 2.0, "w_max": 6.0, **overrides})
 
 
-@pytest.mark.parametrize("kind,cls", [("sd", StableDiffusionPipeline), ("sd3", StableDiffusion3Pipeline)])
+@pytest.mark.parametrize("kind,cls", [("sd", StableDiffusionPipeline), ("sd3", StableDiffusion3Pipeline),
+                                      ("sdxl", StableDiffusionXLPipeline)])
 def test_lora_export_loads_into_fresh_pipeline_with_the_trained_scale(random_teachers, tmp_path, kind, cls):
     method = train(random_teachers / kind, tmp_path / "run")  # alpha 8 != rank 4
     lora_dir = tmp_path / "run" / "lora"
@@ -27,24 +29,26 @@ def test_lora_export_loads_into_fresh_pipeline_with_the_trained_scale(random_tea
     teacher = method.teacher
     embeds = teacher.encode_prompts(["rocket", "sun"])
     t = torch.tensor([999, 500])
-    plain = teacher.with_model(fresh.unet if kind == "sd" else fresh.transformer).predict(x, t, embeds).eps
+    denoiser = lambda: fresh.transformer if kind == "sd3" else fresh.unet  # noqa: E731
+    plain = teacher.with_model(denoiser()).predict(x, t, embeds).eps
     fresh.load_lora_weights(str(lora_dir))
-    loaded = teacher.with_model(fresh.unet if kind == "sd" else fresh.transformer).predict(x, t, embeds).eps
+    loaded = teacher.with_model(denoiser()).predict(x, t, embeds).eps
     trained = teacher.with_model(method.student_net).predict(x, t, embeds).eps
     torch.testing.assert_close(loaded, trained, atol=1e-5, rtol=1e-4)
     assert (loaded - plain).abs().max() > 1e-3  # the LoRA changes the output
     meta = json.loads((lora_dir / "stepdistill_student.json").read_text())
-    assert meta.get("scheduler") == ("LCMScheduler" if kind == "sd" else None)
+    assert meta.get("scheduler") == ("LCMScheduler" if kind != "sd3" else None)
     assert "load_lora_weights" in (lora_dir / "README.md").read_text()
     fresh.fuse_lora()
-    fused = teacher.with_model(fresh.unet if kind == "sd" else fresh.transformer).predict(x, t, embeds).eps
+    fused = teacher.with_model(denoiser()).predict(x, t, embeds).eps
     torch.testing.assert_close(fused, trained, atol=1e-4, rtol=1e-3)
 
 
-def test_full_student_pipeline_matches_our_sampler(random_teachers, tmp_path):
-    method = train(random_teachers / "sd", tmp_path / "run", use_lora=False)
+@pytest.mark.parametrize("kind,cls", [("sd", LatentConsistencyModelPipeline), ("sdxl", StableDiffusionXLPipeline)])
+def test_full_student_pipeline_matches_our_sampler(random_teachers, tmp_path, kind, cls):
+    method = train(random_teachers / kind, tmp_path / "run", use_lora=False)
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "run" / "pipeline", dtype=torch.float32)
-    assert isinstance(pipe, LatentConsistencyModelPipeline) and isinstance(pipe.scheduler, LCMScheduler)
+    assert isinstance(pipe, cls) and isinstance(pipe.scheduler, LCMScheduler)
     assert pipe.unet.config.time_cond_proj_dim == 256
     pipe.set_progress_bar_config(disable=True)
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline, StableDiffusionPipeline
+from diffusers import (DDIMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline,
+                       StableDiffusionPipeline, StableDiffusionXLPipeline)
 
 from stepdistill.data.emoji32 import load_emoji32
 from stepdistill.errors import ConfigError
@@ -98,7 +99,8 @@ def test_phases_cover_the_run_and_name_their_step_counts():
     assert all(a.end_step == b.first_step for a, b in zip(phases, phases[1:]))
 
 
-@pytest.mark.parametrize("kind,cls", [("sd", StableDiffusionPipeline), ("sd3", StableDiffusion3Pipeline)])
+@pytest.mark.parametrize("kind,cls", [("sd", StableDiffusionPipeline), ("sd3", StableDiffusion3Pipeline),
+                                      ("sdxl", StableDiffusionXLPipeline)])
 def test_every_round_exports_a_pipeline_that_samples_like_our_sampler(random_teachers, tmp_path, kind, cls):
     w = dict(w_min=2.0, w_max=2.0) if kind == "sd3" else dict(w_min=1.0, w_max=3.0)
     method = train(random_teachers / kind, tmp_path / "run", **w)

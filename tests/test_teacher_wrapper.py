@@ -7,8 +7,8 @@ from diffusers import DDIMScheduler, DDPMScheduler
 
 from stepdistill.errors import ModelError
 from stepdistill.solvers import sample_ddim, sampling_grid
-from stepdistill.teacher import (PREDICTION_TYPES, Prediction, TeacherWrapper, load_teacher, output_to_prediction,
-                                 prediction_to_output)
+from stepdistill.teacher import (PREDICTION_TYPES, Prediction, PromptEmbeds, TeacherWrapper, load_teacher,
+                                 output_to_prediction, prediction_to_output)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
@@ -105,6 +105,42 @@ def test_euler_sampling_through_wrapper_equals_sd3_pipeline(sd3_pipe):
         ours = sample_ddim(lambda x, t: teacher.predict(x, t, embeds, 4.0), latents,
                            sampling_grid(teacher.schedule, 5), teacher.schedule)
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 5.0])
+def test_ddim_sampling_through_wrapper_equals_sdxl_pipeline(sdxl_pipe, guidance):
+    """SDXL's UNet also takes the second encoder's pooled embedding and the six size numbers, and its pipeline's
+    unconditional input is all zeros (force_zeros_for_empty_prompt); the wrapper gives all three."""
+    sdxl_pipe.scheduler = DDIMScheduler.from_config(sdxl_pipe.scheduler.config)
+    teacher = TeacherWrapper(sdxl_pipe)
+    assert teacher.is_sdxl and not teacher.is_dit
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    prompts = ["rocket", "banana"]
+    with torch.no_grad():
+        ref = sdxl_pipe(prompts, num_inference_steps=6, guidance_scale=guidance, latents=latents, output_type="latent").images
+        embeds = teacher.encode_prompts(prompts)
+        grid = sampling_grid(teacher.schedule, 6, "leading", steps_offset=1)
+        ours = sample_ddim(lambda x, t: teacher.predict(x, t, embeds, guidance), latents, grid, teacher.schedule)
+        unpooled = PromptEmbeds(embeds.hidden, torch.zeros_like(embeds.pooled))
+        without_pooled = sample_ddim(lambda x, t: teacher.predict(x, t, unpooled, guidance), latents, grid, teacher.schedule)
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+    assert (without_pooled - ref).abs().max() > 1e-2  # the pooled embedding is really used
+    empty = teacher.empty_prompt(1)
+    assert empty.hidden.abs().max() == 0 and empty.pooled.abs().max() == 0 and embeds.pooled.abs().max() > 0
+
+
+def test_pipeline_classes_outside_the_supported_ones_are_refused(sdxl_pipe, tmp_path):
+    """An SDXL img2img pipeline has the same UNet as the supported text-to-image one; it is refused by name in
+    one line instead of failing later inside a trainer."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    img2img = StableDiffusionXLImg2ImgPipeline(**sdxl_pipe.components)
+    with pytest.raises(ModelError, match="^pipeline class 'StableDiffusionXLImg2ImgPipeline' is not supported; supported: "
+                                         "StableDiffusionPipeline, StableDiffusionXLPipeline"):
+        TeacherWrapper(img2img)
+    img2img.save_pretrained(tmp_path / "img2img")
+    with pytest.raises(ModelError, match="'StableDiffusionXLImg2ImgPipeline' is not supported"):
+        load_teacher(tmp_path / "img2img")
 
 
 def test_with_model_shares_conversions(sd_pipe):

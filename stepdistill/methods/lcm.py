@@ -309,13 +309,17 @@ class LCMMethod(LatentMethodBase):
         write_model_card(out_dir, self.cfg, self.teacher, lora=self.cfg.use_lora)
 
     def _export_pipeline(self, net: torch.nn.Module, out_dir: Path) -> None:
-        """Full student as a pipeline folder with its few-step scheduler (UNet: LatentConsistencyModelPipeline)."""
+        """Full student as a pipeline folder with its few-step scheduler (SD UNet: LatentConsistencyModelPipeline;
+        SDXL: its own pipeline class, which feeds a w-embedding UNet its guidance itself, as the LCM one does)."""
         pipe = self.teacher.pipe
         scheduler = LCMScheduler.from_config(pipe.scheduler.config, timestep_scaling=self.cfg.timestep_scaling_factor,
                                              original_inference_steps=self.cfg.num_ddim_timesteps)
         if self.teacher.is_dit:
             export = copy.copy(pipe)
             export.register_modules(transformer=net)
+        elif self.teacher.is_sdxl:
+            export = copy.copy(pipe)
+            export.register_modules(unet=net, scheduler=scheduler)
         else:
             export = LatentConsistencyModelPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
                                                     unet=net, scheduler=scheduler, safety_checker=None,

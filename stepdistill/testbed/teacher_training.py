@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from diffusers import AutoencoderKL, StableDiffusion3Pipeline, StableDiffusionPipeline
+from diffusers import AutoencoderKL, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.training_utils import EMAModel
 from transformers import CLIPTokenizer
 
@@ -165,6 +165,12 @@ def build_pipeline(kind: str, vae: AutoencoderKL, tokenizer: CLIPTokenizer):
 
 
 def _untrained_pipeline(kind: str, vae: AutoencoderKL, tokenizer: CLIPTokenizer):
+    if kind == "sdxl":  # tests only: two text encoders whose states are concatenated, the second one's pooled
+        return StableDiffusionXLPipeline(
+            vae=vae, text_encoder=tiny_models.tiny_clip_text(tokenizer, 64, seed=4), tokenizer=tokenizer,
+            text_encoder_2=tiny_models.tiny_clip_text_with_projection(tokenizer, 64, seed=5), tokenizer_2=tokenizer,
+            unet=tiny_models.tiny_sdxl_unet(128, pooled_dim=64), scheduler=tiny_models.sd15_scheduler(),
+            force_zeros_for_empty_prompt=True, add_watermarker=False)
     if kind == "sd":
         return StableDiffusionPipeline(
             vae=vae, text_encoder=tiny_models.tiny_clip_text(tokenizer, 128, seed=1), tokenizer=tokenizer,

@@ -54,6 +54,19 @@ def tiny_unet(cross_attention_dim: int = 128) -> UNet2DConditionModel:
     )
 
 
+def tiny_sdxl_unet(cross_attention_dim: int = 128, pooled_dim: int = 64, time_embed_dim: int = 8) -> UNet2DConditionModel:
+    """SDXL-layout UNet for 8x8x4 latents: SD1.5's blocks plus SDXL's added conditioning, the pooled text
+    embedding and six size numbers, each size number embedded in ``time_embed_dim`` channels."""
+    return UNet2DConditionModel(
+        sample_size=LATENT_SIZE, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(64, 128, 128), layers_per_block=1, cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8, norm_num_groups=32, use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim, projection_class_embeddings_input_dim=6 * time_embed_dim + pooled_dim,
+    )
+
+
 def tiny_sd3_transformer(joint_attention_dim: int = 128, pooled_projection_dim: int = 128) -> SD3Transformer2DModel:
     """SD3-layout MMDiT for 8x8x4 latents with one token per latent pixel."""
     return SD3Transformer2DModel(
