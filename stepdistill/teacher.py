@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline",
                        "LatentConsistencyModelPipeline")
 WEIGHT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # names options take
+T5_TOKENS_WARNING = 64  # fewer T5 tokens than this per prompt is almost surely the testbed's default left in place
 
 
 @dataclass
@@ -155,6 +157,10 @@ class TeacherWrapper:
         if self.prediction_type not in PREDICTION_TYPES:
             raise ModelError(f"prediction type {self.prediction_type!r} is not known; allowed: {', '.join(PREDICTION_TYPES)}")
         self.max_sequence_length = max_sequence_length
+        if getattr(pipe, "text_encoder_3", None) is not None and max_sequence_length < T5_TOKENS_WARNING:
+            warnings.warn(f"max_sequence_length={max_sequence_length} cuts every prompt to that many T5 tokens; SD3's "
+                          f"pipelines use 256 (pass --max_sequence_length 256), the testbed DiT without T5 uses 8",
+                          stacklevel=2)
         self._prompt_cache: dict[str, PromptEmbeds] = {}
 
     def _infer_prediction_type(self) -> str:
@@ -294,17 +300,18 @@ def load_teacher(path: str | Path, pipeline_class: str | None = None, device: st
     if pipeline_class is not None and pipeline_class not in SUPPORTED_PIPELINES:
         raise ModelError(f"pipeline class {pipeline_class!r} is not supported; supported: {', '.join(SUPPORTED_PIPELINES)}")
     cls = getattr(diffusers, pipeline_class) if pipeline_class else DiffusionPipeline
-    extra = {}
-    if _index_class(folder) == "StableDiffusion3Pipeline":
-        extra = {"text_encoder_3": None, "tokenizer_3": None, "image_encoder": None, "feature_extractor": None}
-    pipe = cls.from_pretrained(str(folder), dtype=dtype, use_safetensors=True, local_files_only=True, **extra)
+    # diffusers wants the components a folder was saved without (an SD3 teacher without T5, say) passed as None
+    absent = {name: None for name in _absent_components(folder)}
+    pipe = cls.from_pretrained(str(folder), dtype=dtype, use_safetensors=True, local_files_only=True, **absent)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     kwargs = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
     return TeacherWrapper(pipe, prediction_type=prediction_type, **kwargs)
 
 
-def _index_class(folder: Path) -> str:
+def _absent_components(folder: Path) -> list[str]:
+    """Components that ``model_index.json`` lists as saved without a class (``[null, null]``)."""
     import json
 
-    return json.loads((folder / "model_index.json").read_text()).get("_class_name", "")
+    index = json.loads((folder / "model_index.json").read_text())
+    return [name for name, value in index.items() if isinstance(value, list) and all(v is None for v in value)]

@@ -41,6 +41,11 @@ def sd3_pipe(tokenizer):
 
 
 @pytest.fixture(scope="session")
+def sd3_t5_pipe(tokenizer):
+    return _random_pipe("sd3_t5", tokenizer)
+
+
+@pytest.fixture(scope="session")
 def sdxl_pipe(tokenizer):
     return _random_pipe("sdxl", tokenizer)
 

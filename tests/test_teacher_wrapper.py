@@ -129,6 +129,26 @@ def test_ddim_sampling_through_wrapper_equals_sdxl_pipeline(sdxl_pipe, guidance)
     assert empty.hidden.abs().max() == 0 and empty.pooled.abs().max() == 0 and embeds.pooled.abs().max() > 0
 
 
+def test_sd3_teacher_with_t5_keeps_it_and_samples_like_its_pipeline(sd3_t5_pipe, tmp_path):
+    """A folder saved with SD3's T5 encoder is loaded with it (one saved without it, like the testbed DiT, is
+    loaded without), and the wrapper's prompts then carry T5 tokens exactly as the pipeline's do."""
+    sd3_t5_pipe.save_pretrained(tmp_path / "sd3_t5")
+    with pytest.warns(UserWarning, match="max_sequence_length=6 cuts every prompt to that many T5 tokens"):
+        teacher = load_teacher(tmp_path / "sd3_t5", max_sequence_length=6)
+    assert type(teacher.pipe.text_encoder_3).__name__ == "T5EncoderModel"
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    prompts = ["fire", "sun"]
+    with torch.no_grad():
+        ref = teacher.pipe(prompts, num_inference_steps=4, guidance_scale=4.0, latents=latents, output_type="latent",
+                           max_sequence_length=6).images
+        embeds = teacher.encode_prompts(prompts)
+        ours = sample_ddim(lambda x, t: teacher.predict(x, t, embeds, 4.0), latents, sampling_grid(teacher.schedule, 4),
+                           teacher.schedule)
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+    t5_rows = embeds.hidden[:, -6:]  # after the CLIP tokens come the T5 tokens
+    assert t5_rows.abs().amax(dim=(1, 2)).min() > 0 and not torch.allclose(t5_rows[0], t5_rows[1])
+
+
 def test_pipeline_classes_outside_the_supported_ones_are_refused(sdxl_pipe, tmp_path):
     """An SDXL img2img pipeline has the same UNet as the supported text-to-image one; it is refused by name in
     one line instead of failing later inside a trainer."""

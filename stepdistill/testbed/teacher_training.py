@@ -176,9 +176,12 @@ def _untrained_pipeline(kind: str, vae: AutoencoderKL, tokenizer: CLIPTokenizer)
             vae=vae, text_encoder=tiny_models.tiny_clip_text(tokenizer, 128, seed=1), tokenizer=tokenizer,
             unet=tiny_models.tiny_unet(128), scheduler=tiny_models.sd15_scheduler(), safety_checker=None,
             feature_extractor=None, image_encoder=None, requires_safety_checker=False)
+    t5 = {"text_encoder_3": None, "tokenizer_3": None}
+    if kind == "sd3_t5":  # tests only: SD3 with its T5 encoder, from a word-level T5 tokenizer of the vocabulary
+        t5_tokenizer = tiny_models.tiny_t5_tokenizer([token.removesuffix("</w>") for token in tokenizer.get_vocab()])
+        t5 = {"text_encoder_3": tiny_models.tiny_t5_encoder(t5_tokenizer, 128, seed=6), "tokenizer_3": t5_tokenizer}
     return StableDiffusion3Pipeline(
         transformer=tiny_models.tiny_sd3_transformer(joint_attention_dim=128, pooled_projection_dim=128),
         scheduler=tiny_models.sd3_scheduler(), vae=vae,
         text_encoder=tiny_models.tiny_clip_text_with_projection(tokenizer, 64, seed=2), tokenizer=tokenizer,
-        text_encoder_2=tiny_models.tiny_clip_text_with_projection(tokenizer, 64, seed=3), tokenizer_2=tokenizer,
-        text_encoder_3=None, tokenizer_3=None)
+        text_encoder_2=tiny_models.tiny_clip_text_with_projection(tokenizer, 64, seed=3), tokenizer_2=tokenizer, **t5)

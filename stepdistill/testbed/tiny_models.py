@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 from diffusers import (AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
                        UNet2DConditionModel)
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config,
+                          T5EncoderModel, T5TokenizerFast)
 
 LATENT_CHANNELS = 4
 LATENT_SIZE = 8
@@ -41,6 +42,26 @@ def tiny_clip_text_with_projection(tokenizer: CLIPTokenizer, hidden: int, seed: 
     """SD3 uses two CLIP encoders with projection heads; their pooled outputs are concatenated."""
     torch.manual_seed(seed)
     return CLIPTextModelWithProjection(_text_config(tokenizer, hidden, hidden)).eval().requires_grad_(False)
+
+
+def tiny_t5_tokenizer(captions: list[str]) -> T5TokenizerFast:
+    """A T5 tokenizer (sentencepiece-style unigram, one piece per caption word) built offline from the captions."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    words = sorted({word for caption in captions for word in caption.split()})
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + word, -1.0) for word in words]
+    backend = Tokenizer(models.Unigram(pieces, unk_id=2))
+    backend.pre_tokenizer, backend.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0)
+
+
+def tiny_t5_encoder(tokenizer: T5TokenizerFast, d_model: int = 128, seed: int = 0) -> T5EncoderModel:
+    """SD3's third text encoder at toy scale; its width is the MMDiT's joint attention width, as in SD3."""
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=16, d_ff=2 * d_model, num_layers=2, num_heads=4,
+                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    return T5EncoderModel(config).eval().requires_grad_(False)
 
 
 def tiny_unet(cross_attention_dim: int = 128) -> UNet2DConditionModel:
