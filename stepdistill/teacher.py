@@ -126,8 +126,8 @@ def _call_sdxl_unet(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, em
     and no crop, so they follow from the latent's shape."""
     height, width = x.shape[-2] * pixels_per_latent, x.shape[-1] * pixels_per_latent
     time_ids = torch.tensor([height, width, 0, 0, height, width], device=x.device, dtype=x.dtype).expand(x.shape[0], 6)
-    return model(x, t, encoder_hidden_states=embeds.hidden, added_cond_kwargs={"text_embeds": embeds.pooled, "time_ids": time_ids},
-                 return_dict=False, **extra)[0]
+    added = {"text_embeds": embeds.pooled, "time_ids": time_ids}
+    return model(x, t, encoder_hidden_states=embeds.hidden, added_cond_kwargs=added, return_dict=False, **extra)[0]
 
 
 DENOISER_CALLS = {"UNet2DConditionModel": _call_unet, "SD3Transformer2DModel": _call_sd3_transformer}
