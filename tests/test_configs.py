@@ -22,6 +22,13 @@ def test_shipped_trainer_configs_parse(path):
     assert cfg.pretrained_teacher_model == ("tiny-sd3" if "sd3" in path.name else "tiny-sd") and cfg.max_train_steps > 0
 
 
+def test_sdxl_example_config_parses_and_only_its_paths_are_placeholders():
+    """The SDXL example is for a user's own GPU run: it must parse with the LCM options and ask for SDXL's size."""
+    cfg = load_config(LCMConfig, CONFIGS / "examples" / "lcm_lora_sdxl.yaml")
+    assert cfg.pretrained_teacher_model.startswith("path/to/") and cfg.dataset.startswith("path/to/")
+    assert cfg.resolution == 1024 and cfg.use_lora and cfg.lora_rank == 64 and cfg.mixed_precision == "bf16"
+
+
 def test_best_progressive_recipe_plans_guidance_then_one_long_round():
     cfg = load_config(ProgressiveConfig, CONFIGS / "progressive_tiny_sd_gd.yaml")
     phases = plan_phases(cfg)
