@@ -103,7 +103,7 @@ def measure_sampling(teacher: str, students: list[str], steps: list[int], batch_
     noise = shared_noise(wrapper, max(batch_sizes), 0).to(device, torch_dtype)  # pipelines take latents as given
     solver = "euler" if wrapper.schedule.kind == "flow" else "ddim"  # DDIM has no flow-matching form in diffusers
     wrapper.pipe.scheduler = teacher_solver(wrapper.pipe, solver)
-    call = {"max_sequence_length": max_sequence_length} if wrapper.is_dit else {}  # as the sweep and the trainers
+    call = wrapper.pipeline_call_kwargs()  # as the sweep and the trainers
     label = {"ddim": "DDIM", "euler": "Euler"}[solver]
     generators = [(f"teacher {label}, CFG 4", Generator("teacher", wrapper.pipe, 4.0, call), [50])]
     for spec in students:

@@ -22,38 +22,42 @@ from stepdistill.schedule import NoiseSchedule
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline",
-                       "LatentConsistencyModelPipeline")
+                       "PixArtSigmaPipeline", "LatentConsistencyModelPipeline")
 WEIGHT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # names options take
 T5_TOKENS_WARNING = 64  # fewer T5 tokens than this per prompt is almost surely the testbed's default left in place
 
 
 @dataclass
 class PromptEmbeds:
-    """Text conditioning of a batch: token states (B, L, D) and, for SD3 and SDXL, pooled embeddings (B, P)."""
+    """Text conditioning of a batch: token states (B, L, D); for SD3 and SDXL pooled embeddings (B, P); for
+    PixArt the T5 attention mask (B, L) that marks the prompt's tokens among the padding."""
 
     hidden: torch.Tensor
     pooled: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.hidden.shape[0]
 
     def index(self, rows: Any) -> PromptEmbeds:
         """A subset (or reordering) of the batch rows."""
-        return PromptEmbeds(self.hidden[rows], None if self.pooled is None else self.pooled[rows])
+        take = lambda t: None if t is None else t[rows]  # noqa: E731
+        return PromptEmbeds(self.hidden[rows], take(self.pooled), take(self.mask))
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PromptEmbeds:
+        """On ``device``; ``dtype`` applies to the embeddings, never to the mask."""
         move = lambda t: None if t is None else t.to(device=device, dtype=dtype or t.dtype)  # noqa: E731
-        return PromptEmbeds(move(self.hidden), move(self.pooled))
+        return PromptEmbeds(move(self.hidden), move(self.pooled), None if self.mask is None else self.mask.to(device))
 
     @staticmethod
     def cat(items: list[PromptEmbeds]) -> PromptEmbeds:
-        pooled = None if items[0].pooled is None else torch.cat([i.pooled for i in items])
-        return PromptEmbeds(torch.cat([i.hidden for i in items]), pooled)
+        join = lambda name: None if getattr(items[0], name) is None else torch.cat([getattr(i, name) for i in items])  # noqa: E731
+        return PromptEmbeds(torch.cat([i.hidden for i in items]), join("pooled"), join("mask"))
 
     def where(self, mask: torch.Tensor, other: PromptEmbeds) -> PromptEmbeds:
         """Rows of ``other`` where ``mask`` (B,) is true, else own rows (e.g. caption dropout)."""
         pick = lambda a, b: None if a is None else torch.where(mask.view(-1, *[1] * (a.dim() - 1)), b.to(a), a)  # noqa: E731
-        return PromptEmbeds(pick(self.hidden, other.hidden), pick(self.pooled, other.pooled))
+        return PromptEmbeds(pick(self.hidden, other.hidden), pick(self.pooled, other.pooled), pick(self.mask, other.mask))
 
     def expand(self, batch: int) -> PromptEmbeds:
         """Repeat a single-row embedding (e.g. the empty prompt) to ``batch`` rows."""
@@ -130,7 +134,18 @@ def _call_sdxl_unet(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, em
     return model(x, t, encoder_hidden_states=embeds.hidden, added_cond_kwargs=added, return_dict=False, **extra)[0]
 
 
-DENOISER_CALLS = {"UNet2DConditionModel": _call_unet, "SD3Transformer2DModel": _call_sd3_transformer}
+def _call_pixart_transformer(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, embeds: PromptEmbeds,
+                             **extra: Any) -> torch.Tensor:
+    """PixArt reads T5 tokens through their attention mask; a learned-sigma model also outputs a variance,
+    whose channels the pipeline drops, and so does this (Chen et al. 2023, PixArt-alpha)."""
+    added = {"resolution": None, "aspect_ratio": None}
+    out = model(x, encoder_hidden_states=embeds.hidden, encoder_attention_mask=embeds.mask, timestep=t,
+                added_cond_kwargs=added, return_dict=False, **extra)[0]
+    return out[:, :x.shape[1]] if out.shape[1] == 2 * x.shape[1] else out
+
+
+DENOISER_CALLS = {"UNet2DConditionModel": _call_unet, "SD3Transformer2DModel": _call_sd3_transformer,
+                  "PixArtTransformer2DModel": _call_pixart_transformer}
 
 
 class TeacherWrapper:
@@ -150,6 +165,7 @@ class TeacherWrapper:
         self.model = model if model is not None else denoiser
         self.denoiser_class = type(denoiser).__name__
         self.is_sdxl = name == "StableDiffusionXLPipeline"
+        self.is_pixart = name == "PixArtSigmaPipeline"
         self._call = (functools.partial(_call_sdxl_unet, pixels_per_latent=pipe.vae_scale_factor) if self.is_sdxl
                       else DENOISER_CALLS[self.denoiser_class])
         self.schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
@@ -157,10 +173,11 @@ class TeacherWrapper:
         if self.prediction_type not in PREDICTION_TYPES:
             raise ModelError(f"prediction type {self.prediction_type!r} is not known; allowed: {', '.join(PREDICTION_TYPES)}")
         self.max_sequence_length = max_sequence_length
-        if getattr(pipe, "text_encoder_3", None) is not None and max_sequence_length < T5_TOKENS_WARNING:
-            warnings.warn(f"max_sequence_length={max_sequence_length} cuts every prompt to that many T5 tokens; SD3's "
-                          f"pipelines use 256 (pass --max_sequence_length 256), the testbed DiT without T5 uses 8",
-                          stacklevel=2)
+        t5 = pipe.text_encoder if self.is_pixart else getattr(pipe, "text_encoder_3", None)
+        if t5 is not None and max_sequence_length < T5_TOKENS_WARNING:
+            warnings.warn(f"max_sequence_length={max_sequence_length} cuts every prompt to that many T5 tokens; the "
+                          "pipelines use 256 (SD3) or 300 (PixArt-Sigma): pass --max_sequence_length; the testbed DiT "
+                          "without T5 uses 8", stacklevel=2)
         self._prompt_cache: dict[str, PromptEmbeds] = {}
 
     def _infer_prediction_type(self) -> str:
@@ -171,6 +188,13 @@ class TeacherWrapper:
     @property
     def is_dit(self) -> bool:
         return self.denoiser_class != "UNet2DConditionModel"
+
+    def pipeline_call_kwargs(self) -> dict[str, Any]:
+        """What a call of this pipeline needs beyond prompt, steps and guidance to sample as the wrapper does:
+        the T5 token count of SD3 and PixArt, and for PixArt no resolution binning (the latents set the size)."""
+        if self.is_pixart:
+            return {"max_sequence_length": self.max_sequence_length, "use_resolution_binning": False}
+        return {"max_sequence_length": self.max_sequence_length} if self.is_dit else {}
 
     def with_model(self, model: torch.nn.Module, prediction_type: str | None = None) -> TeacherWrapper:
         """Same schedule, prompts and conversions around another network (e.g. the student)."""
@@ -193,7 +217,11 @@ class TeacherWrapper:
     def encode_uncached(self, prompts: list[str]) -> list[PromptEmbeds]:
         """One text-encoder call for ``prompts`` (no cache): what a pipeline call pays for its prompts."""
         device = self.pipe.text_encoder.device
-        if self.is_dit:
+        pooled = mask = None
+        if self.is_pixart:
+            hidden, mask, _, _ = self.pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=device,
+                                                         clean_caption=False, max_sequence_length=self.max_sequence_length)
+        elif self.is_dit:
             hidden, _, pooled, _ = self.pipe.encode_prompt(prompts, prompts, None, device=device,
                                                            do_classifier_free_guidance=False,
                                                            max_sequence_length=self.max_sequence_length)
@@ -204,8 +232,8 @@ class TeacherWrapper:
                 hidden, pooled = hidden * ~empty.view(-1, 1, 1), pooled * ~empty.view(-1, 1)
         else:
             hidden, _ = self.pipe.encode_prompt(prompts, device, 1, False)
-            pooled = None
-        batch = PromptEmbeds(hidden.float().cpu(), None if pooled is None else pooled.float().cpu())
+        batch = PromptEmbeds(hidden.float().cpu(), None if pooled is None else pooled.float().cpu(),
+                             None if mask is None else mask.cpu())
         return [batch.index([i]) for i in range(len(prompts))]
 
     def empty_prompt(self, batch: int) -> PromptEmbeds:

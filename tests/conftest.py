@@ -46,15 +46,19 @@ def sd3_t5_pipe(tokenizer):
 
 
 @pytest.fixture(scope="session")
+def pixart_pipe(tokenizer):
+    return _random_pipe("pixart", tokenizer)
+
+
+@pytest.fixture(scope="session")
 def sdxl_pipe(tokenizer):
     return _random_pipe("sdxl", tokenizer)
 
 
 @pytest.fixture(scope="session")
-def random_teachers(tmp_path_factory, sd_pipe, sd3_pipe, sdxl_pipe):
-    """The random SD, SD3 and SDXL pipelines saved as folders, the way a trainer receives a teacher."""
+def random_teachers(tmp_path_factory, sd_pipe, sd3_pipe, sdxl_pipe, pixart_pipe):
+    """The random SD, SD3, SDXL and PixArt-Sigma pipelines saved as folders, the way a trainer receives a teacher."""
     root = tmp_path_factory.mktemp("teachers")
-    sd_pipe.save_pretrained(root / "sd")
-    sd3_pipe.save_pretrained(root / "sd3")
-    sdxl_pipe.save_pretrained(root / "sdxl")
+    for name, pipe in (("sd", sd_pipe), ("sd3", sd3_pipe), ("sdxl", sdxl_pipe), ("pixart", pixart_pipe)):
+        pipe.save_pretrained(root / name)
     return root

@@ -76,14 +76,14 @@ def test_lora_export_samples_like_our_sampler_in_a_fresh_pipeline(random_teacher
     assert 'load_lora_weights("lora")' in card and (("sigmas=[1.0, 0.75, 0.5, 0.25]" in card) == (kind == "sd3"))
 
 
-@pytest.mark.parametrize("kind", ["sd", "sd3", "sdxl"])
+@pytest.mark.parametrize("kind", ["sd", "sd3", "sdxl", "pixart"])
 def test_full_student_pipeline_loads_with_its_few_step_scheduler(random_teachers, tmp_path, kind):
     method = train(random_teachers / kind, tmp_path / "run", use_lora=False)
     extra = {"text_encoder_3": None, "tokenizer_3": None} if kind == "sd3" else {}
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "run" / "pipeline", dtype=torch.float32, **extra)
     pipe.set_progress_bar_config(disable=True)
     assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler if kind == "sd3" else LCMScheduler)
-    call = {"max_sequence_length": 8} if kind == "sd3" else {}
+    call = method.teacher.pipeline_call_kwargs()
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
     ours = method.sample(method.student_net, ["fire", "sun"], 2, noise, seed=1)
     meta = json.loads((tmp_path / "run" / "pipeline" / "stepdistill_student.json").read_text())
@@ -276,7 +276,7 @@ def test_final_output_loss_trains_the_whole_deterministic_sampler(random_teacher
     assert loss.requires_grad and logs["distill_loss"] > 0
 
 
-@pytest.mark.parametrize("kind,use_lora", [("sd", True), ("sd", False), ("sd3", True)])
+@pytest.mark.parametrize("kind,use_lora", [("sd", True), ("sd", False), ("sd3", True), ("pixart", False)])
 def test_deterministic_student_exports_ddim_or_euler_and_a_fresh_pipeline_reproduces_it(random_teachers, tmp_path, kind, use_lora):
     import diffusers
 
@@ -293,7 +293,7 @@ def test_deterministic_student_exports_ddim_or_euler_and_a_fresh_pipeline_reprod
         pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch.float32, **extra)
         assert isinstance(pipe.scheduler, DDIMScheduler) and pipe.scheduler.config.timestep_spacing == "trailing"
     pipe.set_progress_bar_config(disable=True)
-    call = {"max_sequence_length": 8} if kind == "sd3" else {}
+    call = method.teacher.pipeline_call_kwargs()
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(8))
     for steps in (1, 2, 4):
         ours = method.sample(method.student_net, ["fire", "sun"], steps, noise)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import (DiffusionPipeline, LatentConsistencyModelPipeline, LCMScheduler, StableDiffusion3Pipeline,
-                       StableDiffusionPipeline, StableDiffusionXLPipeline)
+from diffusers import (DiffusionPipeline, LatentConsistencyModelPipeline, LCMScheduler, PixArtSigmaPipeline,
+                       StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline)
 
 from method_runs import train_method
 from stepdistill.errors import ConfigError
@@ -44,19 +44,33 @@ def test_lora_export_loads_into_fresh_pipeline_with_the_trained_scale(random_tea
     torch.testing.assert_close(fused, trained, atol=1e-4, rtol=1e-3)
 
 
-@pytest.mark.parametrize("kind,cls", [("sd", LatentConsistencyModelPipeline), ("sdxl", StableDiffusionXLPipeline)])
+@pytest.mark.parametrize("kind,cls", [("sd", LatentConsistencyModelPipeline), ("sdxl", StableDiffusionXLPipeline),
+                                      ("pixart", PixArtSigmaPipeline)])
 def test_full_student_pipeline_matches_our_sampler(random_teachers, tmp_path, kind, cls):
-    method = train(random_teachers / kind, tmp_path / "run", use_lora=False)
+    w = {"w_min": 3.0, "w_max": 3.0} if kind == "pixart" else {}  # a DiT has no w input: one fixed w
+    method = train(random_teachers / kind, tmp_path / "run", use_lora=False, **w)
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "run" / "pipeline", dtype=torch.float32)
     assert isinstance(pipe, cls) and isinstance(pipe.scheduler, LCMScheduler)
-    assert pipe.unet.config.time_cond_proj_dim == 256
+    if kind != "pixart":
+        assert pipe.unet.config.time_cond_proj_dim == 256
     pipe.set_progress_bar_config(disable=True)
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
     prompts = ["rocket", "sun"]
-    ours = method.sample(method.target_net, prompts, 4, noise, guidance_scale=5.0, seed=7)
-    theirs = pipe(prompts, num_inference_steps=4, guidance_scale=5.0, latents=noise, output_type="latent",
-                  generator=torch.Generator().manual_seed(7)).images
+    guidance = json.loads((tmp_path / "run" / "pipeline" / "stepdistill_student.json").read_text())["guidance_scale"]
+    assert guidance == (1.0 if kind == "pixart" else 3.0)  # the DiT student has its w built in: no CFG
+    ours = method.sample(method.target_net, prompts, 4, noise, guidance_scale=5.0 if kind != "pixart" else None, seed=7)
+    theirs = pipe(prompts, num_inference_steps=4, guidance_scale=5.0 if kind != "pixart" else guidance, latents=noise,
+                  output_type="latent", generator=torch.Generator().manual_seed(7), **method.teacher.pipeline_call_kwargs()).images
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_lora_student_of_a_pipeline_without_a_lora_loader_is_refused(random_teachers, tmp_path):
+    """PixArt pipelines have no load_lora_weights: a LoRA student could not be loaded back, so it is refused
+    before training, in one line that says what to do instead."""
+    with pytest.raises(ConfigError, match="^use_lora=true: PixArtSigmaPipeline has no load_lora_weights, so a LoRA "
+                                          "student could not be loaded; train a full student"):
+        train(random_teachers / "pixart", tmp_path / "run", w_min=3.0, w_max=3.0)
+    assert not (tmp_path / "run" / "lora").exists()
 
 
 def test_lora_target_network_is_an_ema_adapter_run_through_the_student(random_teachers, tmp_path):

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import (DDIMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline,
-                       StableDiffusionPipeline, StableDiffusionXLPipeline)
+from diffusers import (DDIMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, PixArtSigmaPipeline,
+                       StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline)
 
 from stepdistill.data.emoji32 import load_emoji32
 from stepdistill.errors import ConfigError
@@ -100,9 +100,9 @@ def test_phases_cover_the_run_and_name_their_step_counts():
 
 
 @pytest.mark.parametrize("kind,cls", [("sd", StableDiffusionPipeline), ("sd3", StableDiffusion3Pipeline),
-                                      ("sdxl", StableDiffusionXLPipeline)])
+                                      ("sdxl", StableDiffusionXLPipeline), ("pixart", PixArtSigmaPipeline)])
 def test_every_round_exports_a_pipeline_that_samples_like_our_sampler(random_teachers, tmp_path, kind, cls):
-    w = dict(w_min=2.0, w_max=2.0) if kind == "sd3" else dict(w_min=1.0, w_max=3.0)
+    w = dict(w_min=2.0, w_max=2.0) if kind in ("sd3", "pixart") else dict(w_min=1.0, w_max=3.0)
     method = train(random_teachers / kind, tmp_path / "run", **w)
     rounds = sorted(p.name for p in (tmp_path / "run" / "rounds").iterdir())
     assert rounds == ["round-0-2steps", "round-1-1steps"]
@@ -114,14 +114,15 @@ def test_every_round_exports_a_pipeline_that_samples_like_our_sampler(random_tea
     pipe.set_progress_bar_config(disable=True)
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
     prompts = ["rocket", "sun"]
-    denoiser = pipe.transformer if kind == "sd3" else pipe.unet
+    denoiser = pipe.transformer if kind in ("sd3", "pixart") else pipe.unet
     ours = method.sample(denoiser, prompts, 2, noise, guidance_scale=meta["guidance_scale"])
-    kwargs = {"max_sequence_length": 8, "sigmas": [1.0, 0.5]} if kind == "sd3" else {}
+    assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler if kind == "sd3" else DDIMScheduler)
+    kwargs = {**method.teacher.pipeline_call_kwargs(), **({"sigmas": [1.0, 0.5]} if kind == "sd3" else {})}
     theirs = pipe(prompts, num_inference_steps=2, guidance_scale=meta["guidance_scale"], latents=noise, output_type="latent", **kwargs).images
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
     # round 1 started from round 0's student (its teacher), so the two exports differ but are related
     final = DiffusionPipeline.from_pretrained(tmp_path / "run" / "pipeline", dtype=torch.float32, **extra)
-    final_denoiser = final.transformer if kind == "sd3" else final.unet
+    final_denoiser = final.transformer if kind in ("sd3", "pixart") else final.unet
     a, b = (torch.cat([p.flatten() for p in m.parameters()]) for m in (denoiser, final_denoiser))
     assert 0 < (a - b).abs().max() and "num_inference_steps=1" in (tmp_path / "run" / "pipeline" / "README.md").read_text()
 

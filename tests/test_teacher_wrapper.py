@@ -149,6 +149,27 @@ def test_sd3_teacher_with_t5_keeps_it_and_samples_like_its_pipeline(sd3_t5_pipe,
     assert t5_rows.abs().amax(dim=(1, 2)).min() > 0 and not torch.allclose(t5_rows[0], t5_rows[1])
 
 
+@pytest.mark.parametrize("guidance", [1.0, 4.5])
+def test_ddim_sampling_through_wrapper_equals_pixart_pipeline(pixart_pipe, guidance):
+    """PixArt-Sigma: T5 tokens read through their attention mask, and a learned variance the pipeline drops."""
+    pixart_pipe.scheduler = DDIMScheduler.from_config(pixart_pipe.scheduler.config)
+    with pytest.warns(UserWarning, match="T5 tokens"):
+        teacher = TeacherWrapper(pixart_pipe, max_sequence_length=8)
+    assert teacher.is_pixart and teacher.is_dit and teacher.schedule.kind == "vp"
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    prompts = ["rocket", "sun"]
+    with torch.no_grad():
+        ref = pixart_pipe(prompts, num_inference_steps=6, guidance_scale=guidance, latents=latents, output_type="latent",
+                          **teacher.pipeline_call_kwargs()).images
+        embeds = teacher.encode_prompts(prompts)
+        grid = sampling_grid(teacher.schedule, 6, "leading", steps_offset=1)
+        ours = sample_ddim(lambda x, t: teacher.predict(x, t, embeds, guidance), latents, grid, teacher.schedule)
+        unmasked = PromptEmbeds(embeds.hidden, None, torch.ones_like(embeds.mask))
+        padding_read = sample_ddim(lambda x, t: teacher.predict(x, t, unmasked, guidance), latents, grid, teacher.schedule)
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+    assert embeds.mask.sum() < embeds.mask.numel() and (padding_read - ref).abs().max() > 1e-3  # the mask is used
+
+
 def test_pipeline_classes_outside_the_supported_ones_are_refused(sdxl_pipe, tmp_path):
     """An SDXL img2img pipeline has the same UNet as the supported text-to-image one; it is refused by name in
     one line instead of failing later inside a trainer."""

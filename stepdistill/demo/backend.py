@@ -100,7 +100,7 @@ class DemoBackend:
     def __init__(self, teacher: str = "tiny-sd", students: list[str] | None = None, max_sequence_length: int = 8):
         self.teacher_path = resolve_teacher_path(teacher)
         wrapper = load_teacher(self.teacher_path, max_sequence_length=max_sequence_length)
-        self.call_kwargs = {"max_sequence_length": max_sequence_length} if wrapper.is_dit else {}
+        self.call_kwargs = wrapper.pipeline_call_kwargs()
         self.solver = "euler" if wrapper.schedule.kind == "flow" else "ddim"
         wrapper.pipe.scheduler = teacher_solver(wrapper.pipe, self.solver)
         wrapper.pipe.set_progress_bar_config(disable=True)

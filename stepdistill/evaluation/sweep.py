@@ -68,7 +68,7 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     teacher_path = resolve_teacher_path(cfg.teacher)
     teacher = load_teacher(teacher_path, max_sequence_length=cfg.max_sequence_length)
-    call_kwargs = {"max_sequence_length": cfg.max_sequence_length} if teacher.is_dit else {}
+    call_kwargs = teacher.pipeline_call_kwargs()
     evaluator = load_evaluator(cfg.evaluator)
     prompts, labels = _prompts(cfg.num_prompts)
     real = load_emoji32().pixel_tensor()[labels]

@@ -43,8 +43,14 @@ class AdversarialOptions:
 
 
 def pooled_text(embeds: PromptEmbeds) -> torch.Tensor:
-    """One vector per prompt for the heads' condition: the DiT's pooled embedding, else the mean token state."""
-    return embeds.pooled if embeds.pooled is not None else embeds.hidden.mean(1)
+    """One vector per prompt for the heads' condition: the pooled embedding (SD3, SDXL), else the mean state of
+    the prompt's tokens (padding left out where an attention mask marks it, as for PixArt's T5)."""
+    if embeds.pooled is not None:
+        return embeds.pooled
+    if embeds.mask is None:
+        return embeds.hidden.mean(1)
+    weights = embeds.mask.to(embeds.hidden.dtype).unsqueeze(-1)
+    return (embeds.hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
 
 
 class AdversarialTerm:

@@ -191,6 +191,9 @@ def build_student(teacher: TeacherWrapper, cfg: Any, time_cond_proj_dim: int | N
     if cfg.use_lora:
         if init_from is not None:
             raise ConfigError(f"init_student_from={init_from!r} needs use_lora=false: a LoRA student starts from the teacher")
+        if not hasattr(teacher.pipe, "load_lora_weights"):
+            raise ConfigError(f"use_lora=true: {type(teacher.pipe).__name__} has no load_lora_weights, so a LoRA "
+                              "student could not be loaded; train a full student (--use_lora false)")
         add_lora(teacher.model, cfg.lora_rank, cfg.lora_alpha, teacher.is_dit)
         student = teacher.model
     else:

@@ -81,7 +81,7 @@ def write_model_card(out_dir: Path, cfg: Any, teacher: TeacherWrapper, lora: boo
     options = {k: v for k, v in dataclasses.asdict(cfg).items() if isinstance(v, (int, float, str, bool))}
     pipe_cls = type(teacher.pipe).__name__
     folder = out_dir.name.removeprefix(TMP_PREFIX)  # the card is written inside replace_folder's sibling
-    if scheduler_setup is None and not teacher.is_dit:
+    if scheduler_setup is None and teacher.schedule.kind != "flow":
         scheduler_setup = "LCMScheduler.from_config(pipe.scheduler.config)"
     sigmas = "" if call_sigmas is None else f", sigmas={[round(v, 4) for v in call_sigmas]}"
     if lora and scheduler_setup:

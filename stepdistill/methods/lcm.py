@@ -303,7 +303,7 @@ class LCMMethod(LatentMethodBase):
 
     def export(self, model: torch.nn.Module, out_dir: Path) -> None:
         if self.cfg.use_lora:
-            write_lora(model, self.teacher, out_dir, scheduler="LCMScheduler" if not self.teacher.is_dit else None)
+            write_lora(model, self.teacher, out_dir, scheduler=None if self.teacher.schedule.kind == "flow" else "LCMScheduler")
         else:
             self._export_pipeline(self.target_net, out_dir)
         write_model_card(out_dir, self.cfg, self.teacher, lora=self.cfg.use_lora)
@@ -314,9 +314,9 @@ class LCMMethod(LatentMethodBase):
         pipe = self.teacher.pipe
         scheduler = LCMScheduler.from_config(pipe.scheduler.config, timestep_scaling=self.cfg.timestep_scaling_factor,
                                              original_inference_steps=self.cfg.num_ddim_timesteps)
-        if self.teacher.is_dit:
+        if self.teacher.is_dit:  # a flow DiT keeps its Euler scheduler, a vp DiT (PixArt) samples with LCM's
             export = copy.copy(pipe)
-            export.register_modules(transformer=net)
+            export.register_modules(transformer=net, **({} if self.teacher.schedule.kind == "flow" else {"scheduler": scheduler}))
         elif self.teacher.is_sdxl:
             export = copy.copy(pipe)
             export.register_modules(unet=net, scheduler=scheduler)
@@ -325,5 +325,7 @@ class LCMMethod(LatentMethodBase):
                                                     unet=net, scheduler=scheduler, safety_checker=None,
                                                     feature_extractor=None, requires_safety_checker=False)
         export.save_pretrained(out_dir, safe_serialization=True)
-        (out_dir / "stepdistill_student.json").write_text(json.dumps({"method": "lcm", "guidance_scale": self.cfg.w_min + 1}))
+        # a w-embedding UNet reads w = guidance_scale - 1 from the pipeline; a DiT student has its w built in
+        guidance = self.cfg.w_min + 1 if self.w_embedding else 1.0
+        (out_dir / "stepdistill_student.json").write_text(json.dumps({"method": "lcm", "guidance_scale": guidance}))
 

@@ -319,11 +319,10 @@ class ProgressiveMethod(LatentMethodBase):
         """A pipeline folder of the teacher's class that samples on the training grid (trailing DDIM / flow Euler
         with the student's ``sigmas=``)."""
         pipe = copy.copy(self.teacher.pipe)
-        if self.teacher.is_dit:
-            pipe.register_modules(transformer=copy.deepcopy(net).to(torch.float32))
-        else:
-            pipe.register_modules(unet=copy.deepcopy(net).to(torch.float32),
-                                  scheduler=DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing"))
+        modules = {"transformer" if self.teacher.is_dit else "unet": copy.deepcopy(net).to(torch.float32)}
+        if self.teacher.schedule.kind != "flow":  # flow students keep the teacher's Euler scheduler
+            modules["scheduler"] = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+        pipe.register_modules(**modules)
         pipe.save_pretrained(out_dir, safe_serialization=True)
         # The w-conditioned UNet reads w = guidance_scale - 1 from the pipeline; DiT students must run without CFG.
         guidance = self.cfg.w_min + 1 if self.w_embedding else 1.0

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from diffusers import AutoencoderKL, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import (AutoencoderKL, PixArtSigmaPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline,
+                       StableDiffusionXLPipeline)
 from diffusers.training_utils import EMAModel
 from transformers import CLIPTokenizer
 
@@ -171,6 +172,11 @@ def _untrained_pipeline(kind: str, vae: AutoencoderKL, tokenizer: CLIPTokenizer)
             text_encoder_2=tiny_models.tiny_clip_text_with_projection(tokenizer, 64, seed=5), tokenizer_2=tokenizer,
             unet=tiny_models.tiny_sdxl_unet(128, pooled_dim=64), scheduler=tiny_models.sd15_scheduler(),
             force_zeros_for_empty_prompt=True, add_watermarker=False)
+    if kind == "pixart":  # tests only: PixArt-Sigma, a DiT with T5 alone and the SD schedule's epsilon prediction
+        t5_tokenizer = tiny_models.tiny_t5_tokenizer([token.removesuffix("</w>") for token in tokenizer.get_vocab()])
+        return PixArtSigmaPipeline(
+            tokenizer=t5_tokenizer, text_encoder=tiny_models.tiny_t5_encoder(t5_tokenizer, 128, seed=7), vae=vae,
+            transformer=tiny_models.tiny_pixart_transformer(128), scheduler=tiny_models.sd15_scheduler())
     if kind == "sd":
         return StableDiffusionPipeline(
             vae=vae, text_encoder=tiny_models.tiny_clip_text(tokenizer, 128, seed=1), tokenizer=tokenizer,

@@ -6,8 +6,8 @@ parameter UNet (SD1.5 layout) or MMDiT (SD3 layout), small random CLIP text enco
 from __future__ import annotations
 
 import torch
-from diffusers import (AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
-                       UNet2DConditionModel)
+from diffusers import (AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler, PixArtTransformer2DModel,
+                       SD3Transformer2DModel, UNet2DConditionModel)
 from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config,
                           T5EncoderModel, T5TokenizerFast)
 
@@ -85,6 +85,16 @@ def tiny_sdxl_unet(cross_attention_dim: int = 128, pooled_dim: int = 64, time_em
         block_out_channels=(64, 128, 128), layers_per_block=1, cross_attention_dim=cross_attention_dim,
         attention_head_dim=8, norm_num_groups=32, use_linear_projection=True, addition_embed_type="text_time",
         addition_time_embed_dim=time_embed_dim, projection_class_embeddings_input_dim=6 * time_embed_dim + pooled_dim,
+    )
+
+
+def tiny_pixart_transformer(caption_channels: int = 128) -> PixArtTransformer2DModel:
+    """PixArt-Sigma-layout DiT for 8x8x4 latents: T5 tokens through cross-attention, adaLN-single timestep
+    conditioning and a learned variance (eight output channels for four latent ones)."""
+    return PixArtTransformer2DModel(
+        sample_size=LATENT_SIZE, patch_size=1, in_channels=LATENT_CHANNELS, out_channels=2 * LATENT_CHANNELS,
+        num_layers=4, num_attention_heads=4, attention_head_dim=32, cross_attention_dim=128,
+        caption_channels=caption_channels, norm_type="ada_norm_single", use_additional_conditions=False,
     )
 
 
