@@ -310,16 +310,16 @@ class LCMMethod(LatentMethodBase):
 
     def _export_pipeline(self, net: torch.nn.Module, out_dir: Path) -> None:
         """Full student as a pipeline folder with its few-step scheduler (SD UNet: LatentConsistencyModelPipeline;
-        SDXL: its own pipeline class, which feeds a w-embedding UNet its guidance itself, as the LCM one does)."""
+        SDXL and DiTs: their own pipeline class; SDXL's feeds a w-embedding UNet its guidance itself, as the LCM
+        one does). A flow DiT keeps its Euler scheduler; vp networks sample with LCM's."""
         pipe = self.teacher.pipe
         scheduler = LCMScheduler.from_config(pipe.scheduler.config, timestep_scaling=self.cfg.timestep_scaling_factor,
                                              original_inference_steps=self.cfg.num_ddim_timesteps)
-        if self.teacher.is_dit:  # a flow DiT keeps its Euler scheduler, a vp DiT (PixArt) samples with LCM's
+        if self.teacher.is_dit or self.teacher.is_sdxl:
             export = copy.copy(pipe)
-            export.register_modules(transformer=net, **({} if self.teacher.schedule.kind == "flow" else {"scheduler": scheduler}))
-        elif self.teacher.is_sdxl:
-            export = copy.copy(pipe)
-            export.register_modules(unet=net, scheduler=scheduler)
+            export.register_modules(**{"transformer" if self.teacher.is_dit else "unet": net})
+            if self.teacher.schedule.kind != "flow":
+                export.register_modules(scheduler=scheduler)
         else:
             export = LatentConsistencyModelPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
                                                     unet=net, scheduler=scheduler, safety_checker=None,
