@@ -189,6 +189,11 @@ class TeacherWrapper:
     def is_dit(self) -> bool:
         return self.denoiser_class != "UNet2DConditionModel"
 
+    @property
+    def denoiser_name(self) -> str:
+        """The pipeline attribute (and folder) holding the denoiser: ``transformer`` for DiTs, else ``unet``."""
+        return "transformer" if self.is_dit else "unet"
+
     def pipeline_call_kwargs(self) -> dict[str, Any]:
         """What a call of this pipeline needs beyond prompt, steps and guidance to sample as the wrapper does:
         the T5 token count of SD3 and PixArt, and for PixArt no resolution binning (the latents set the size)."""

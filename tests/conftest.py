@@ -30,29 +30,19 @@ def _random_pipe(kind: str, tokenizer):
     return pipe
 
 
-@pytest.fixture(scope="session")
-def sd_pipe(tokenizer):
-    return _random_pipe("sd", tokenizer)
+def _pipe_fixture(kind: str):
+    """A session fixture holding one tiny random pipeline of ``kind`` (see testbed.teacher_training)."""
+    @pytest.fixture(scope="session")
+    def pipe(tokenizer):
+        return _random_pipe(kind, tokenizer)
+    return pipe
 
 
-@pytest.fixture(scope="session")
-def sd3_pipe(tokenizer):
-    return _random_pipe("sd3", tokenizer)
-
-
-@pytest.fixture(scope="session")
-def sd3_t5_pipe(tokenizer):
-    return _random_pipe("sd3_t5", tokenizer)
-
-
-@pytest.fixture(scope="session")
-def pixart_pipe(tokenizer):
-    return _random_pipe("pixart", tokenizer)
-
-
-@pytest.fixture(scope="session")
-def sdxl_pipe(tokenizer):
-    return _random_pipe("sdxl", tokenizer)
+sd_pipe = _pipe_fixture("sd")
+sd3_pipe = _pipe_fixture("sd3")
+sd3_t5_pipe = _pipe_fixture("sd3_t5")  # SD3 with its T5 encoder
+sdxl_pipe = _pipe_fixture("sdxl")
+pixart_pipe = _pipe_fixture("pixart")
 
 
 @pytest.fixture(scope="session")

@@ -237,7 +237,7 @@ def full_student(teacher_net: torch.nn.Module, time_cond_proj_dim: int | None) -
 
 def load_init_denoiser(teacher: TeacherWrapper, folder: str) -> torch.nn.Module:
     """The denoiser of a diffusers pipeline folder, loaded as the teacher's model class (safetensors only)."""
-    sub = "transformer" if teacher.is_dit else "unet"
+    sub = teacher.denoiser_name
     if not (Path(folder) / sub).is_dir():
         raise ConfigError(f"init_student_from={folder!r} has no {sub}/ folder; give a diffusers pipeline folder "
                           "such as a full-model student's pipeline/ export")

@@ -341,7 +341,7 @@ class LADDMethod(LatentMethodBase):
             export = copy.copy(self.teacher.pipe)
             scheduler = getattr(diffusers, name).from_config(self.teacher.pipe.scheduler.config, **kwargs)
             export.register_modules(scheduler=scheduler)
-            export.register_modules(**{"transformer" if self.teacher.is_dit else "unet": model})
+            export.register_modules(**{self.teacher.denoiser_name: model})
             export.save_pretrained(out_dir, safe_serialization=True)
             meta = {"method": "ladd", "guidance_scale": self.student_guidance, **grid_meta}
             (out_dir / STUDENT_META).write_text(json.dumps(meta))

@@ -317,7 +317,7 @@ class LCMMethod(LatentMethodBase):
                                              original_inference_steps=self.cfg.num_ddim_timesteps)
         if self.teacher.is_dit or self.teacher.is_sdxl:
             export = copy.copy(pipe)
-            export.register_modules(**{"transformer" if self.teacher.is_dit else "unet": net})
+            export.register_modules(**{self.teacher.denoiser_name: net})
             if self.teacher.schedule.kind != "flow":
                 export.register_modules(scheduler=scheduler)
         else:

@@ -319,7 +319,7 @@ class ProgressiveMethod(LatentMethodBase):
         """A pipeline folder of the teacher's class that samples on the training grid (trailing DDIM / flow Euler
         with the student's ``sigmas=``)."""
         pipe = copy.copy(self.teacher.pipe)
-        modules = {"transformer" if self.teacher.is_dit else "unet": copy.deepcopy(net).to(torch.float32)}
+        modules = {self.teacher.denoiser_name: copy.deepcopy(net).to(torch.float32)}
         if self.teacher.schedule.kind != "flow":  # flow students keep the teacher's Euler scheduler
             modules["scheduler"] = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
         pipe.register_modules(**modules)
