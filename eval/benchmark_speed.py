@@ -234,12 +234,24 @@ def compatible_reference(script: Path, work: Path) -> Path:
 
 
 def launched(script: Path, processes: int, mixed_precision: str) -> list[str]:
-    """The command that starts ``script``: plain ``python`` for one process, ``accelerate launch`` (its CPU
-    defaults: gloo, one torch thread per process) for several on this machine."""
+    """The command that starts ``script``: plain ``python`` for one process, several through accelerate's
+    multi-process launcher (torchrun; one torch thread per process). Without ``--multi_gpu``,
+    ``accelerate launch --num_processes N`` on a machine without GPUs starts one process, not N; run it with
+    :func:`launch_env` so that those processes are CPU ones joined by gloo."""
     if processes == 1:
         return [sys.executable, str(script)]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes), "--num_machines", "1",
-            "--mixed_precision", mixed_precision, "--dynamo_backend", "no", str(script)]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", mixed_precision, "--dynamo_backend", "no", str(script)]
+
+
+def launch_env(cuda: bool) -> dict[str, str]:
+    """The environment both scripts run in: offline, tqdm redrawing every step, and on a machine without CUDA
+    ``ACCELERATE_USE_CPU``, without which a script's ``Accelerator()`` under torchrun finds no device to join
+    on and trains alone in every process."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_MININTERVAL": "0"}
+    if not cuda:
+        env["ACCELERATE_USE_CPU"] = "true"
+    return env
 
 
 def teacher_resolution(teacher_dir: Path) -> int:
@@ -284,7 +296,7 @@ def compare_with_reference(script: Path, work: Path, teacher: str, batch: int, w
 
     reference, ours = reference_commands(compatible_reference(script, work), work, Path(resolve_teacher_path(teacher)),
                                          batch, warmup + steps, extra or [], mixed_precision, processes)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_MININTERVAL": "0"}
+    env = launch_env(torch.cuda.is_available())
     results = []
     for index in range(pairs):
         pair = {}

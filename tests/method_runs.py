@@ -44,14 +44,21 @@ def small_npz(folder: Path) -> Path:
     return path
 
 
-def one_and_two_process_losses(script: str, options: list[str], out: Path, port: int) -> tuple[float, list[float]]:
-    """Run a training script as 1 process x batch 4 (into out/one) and as 2 torchrun gloo processes x batch 2
-    (into out/two); return the single run's final loss and each process's."""
+def one_and_two_process_losses(script: str, options: list[str], out: Path, port: int,
+                               launcher: str = "torchrun") -> tuple[float, list[float]]:
+    """Run a training script as 1 process x batch 4 (into out/one) and as 2 gloo processes x batch 2 (into
+    out/two), started by ``torchrun`` or by ``accelerate launch`` with the shipped two-process CPU config;
+    return the single run's final loss and each process's."""
     single = subprocess.run([sys.executable, script, *options, "--output_dir", str(out / "one"), "--train_batch_size", "4"],
                             capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-2000:]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
-    double = subprocess.run([*torchrun, script, *options, "--output_dir", str(out / "two"), "--train_batch_size", "2"],
+    if launcher == "torchrun":
+        start = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    else:
+        config = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "multi_cpu_2proc.yaml"
+        start = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+                 "--main_process_port", str(port)]
+    double = subprocess.run([*start, script, *options, "--output_dir", str(out / "two"), "--train_batch_size", "2"],
                             capture_output=True, text=True, timeout=300)
     assert double.returncode == 0, double.stderr[-2000:]
     loss_one = float(single.stdout.split("final loss ")[1].split(";")[0])

@@ -155,7 +155,8 @@ def test_bad_lcm_options(overrides, match):
 
 
 def test_two_process_cpu_run_equals_one_process_run(random_teachers, tmp_path):
-    """torchrun with 2 gloo processes x batch 2 gives the 1-process batch-4 result (same noise, synced grads)."""
+    """2 gloo processes x batch 2, launched as the README says (accelerate with the shipped two-process CPU
+    config), give the 1-process batch-4 result (same noise, synced grads)."""
     from safetensors.torch import load_file
 
     from method_runs import one_and_two_process_losses, small_npz
@@ -164,7 +165,7 @@ def test_two_process_cpu_run_equals_one_process_run(random_teachers, tmp_path):
               "--max_train_steps", "3", "--validation_steps", "0", "--report_to", "none", "--learning_rate", "1e-3",
               "--lr_warmup_steps", "0", "--lora_rank", "4", "--num_threads", "1"]
     script = str(Path(__file__).resolve().parents[1] / "train_scripts" / "train_lcm.py")
-    loss_one, losses_two = one_and_two_process_losses(script, common, tmp_path, port=29533)
+    loss_one, losses_two = one_and_two_process_losses(script, common, tmp_path, port=29533, launcher="accelerate")
     assert len(losses_two) == 2 and all(abs(x - loss_one) < 1e-4 * max(1.0, abs(loss_one)) for x in losses_two)
     a = load_file(tmp_path / "one" / "lora" / "pytorch_lora_weights.safetensors")
     b = load_file(tmp_path / "two" / "lora" / "pytorch_lora_weights.safetensors")

@@ -169,8 +169,9 @@ def test_reference_pairs_report_medians_of_in_pair_ratios():
 
 
 def test_benchmark_launches_several_processes_through_accelerate(tmp_path):
-    """One process runs the script directly; several go through ``accelerate launch``, which splits the
-    global batch, and a process count that does not divide the batch is refused before anything runs."""
+    """One process runs the script directly; several go through ``accelerate launch`` and really are several:
+    a plain ``Accelerator()`` script (as diffusers' reference script is) sees two ranks of a two-process gloo
+    group, not two lone processes. A process count that does not divide the batch is refused before anything runs."""
     import subprocess
     import sys
     from importlib.util import module_from_spec, spec_from_file_location
@@ -180,9 +181,14 @@ def test_benchmark_launches_several_processes_through_accelerate(tmp_path):
     bench = module_from_spec(spec)
     spec.loader.exec_module(bench)
     assert bench.launched(Path("t.py"), 1, "no") == [sys.executable, "t.py"]
-    cmd = bench.launched(Path("t.py"), 2, "bf16")
-    assert cmd[1:3] == ["-m", "accelerate.commands.launch"] and cmd[-1] == "t.py"
-    assert cmd[cmd.index("--num_processes") + 1] == "2" and cmd[cmd.index("--mixed_precision") + 1] == "bf16"
+    probe = tmp_path / "ranks.py"
+    probe.write_text("from accelerate import Accelerator\nimport torch.distributed as dist\na = Accelerator()\n"
+                     "print('rank', a.process_index, a.num_processes, dist.get_backend() if dist.is_initialized() else None)\n")
+    ran = subprocess.run(bench.launched(probe, 2, "no"), env=bench.launch_env(cuda=False), capture_output=True,
+                         text=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    ranks = sorted(line.split()[1:] for line in ran.stdout.splitlines() if line.startswith("rank "))
+    assert ranks == [["0", "2", "gloo"], ["1", "2", "gloo"]]
     out = tmp_path / "bench"
     done = subprocess.run([sys.executable, str(script), "--parts", "sampling", "--train_batch_size", "32",
                            "--stepdistill_processes", "3", "--output_dir", str(out)], capture_output=True, text=True)

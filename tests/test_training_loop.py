@@ -318,3 +318,29 @@ def test_training_uses_the_cores_not_omp_num_threads_and_restores_the_count(tmp_
         assert side_thread.thread_budget(0) == 1 and side_thread.thread_budget(4) == 4  # GPU machines: left alone
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_multi_process_request_that_starts_one_process_is_reported(tmp_path):
+    """``accelerate launch --num_processes 2`` without GPUs starts one process (which would train at half the
+    global batch); the loop's check sees that from the real launcher's environment, and stays quiet for one
+    process asked for and for the shipped two-process CPU config, which starts two."""
+    import subprocess
+    import sys
+
+    probe = tmp_path / "probe.py"
+    probe.write_text("import os\nfrom stepdistill.training.loop import lone_process_warning\n"
+                     "print('warning:', lone_process_warning(os.environ) is not None)\n")
+    config = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "multi_cpu_2proc.yaml"
+    launch = [sys.executable, "-m", "accelerate.commands.launch"]
+    plain = ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    seen = {}
+    for name, options in {"two asked, one started": ["--num_processes", "2", *plain],
+                          "two-process config": ["--config_file", str(config), "--main_process_port", "29541"]}.items():
+        ran = subprocess.run([*launch, *options, str(probe)], capture_output=True, text=True, timeout=120)
+        assert ran.returncode == 0, ran.stderr[-2000:]
+        seen[name] = [line for line in ran.stdout.splitlines() if line.startswith("warning:")]
+    assert seen == {"two asked, one started": ["warning: True"], "two-process config": ["warning: False", "warning: False"]}
+    from stepdistill.training.loop import lone_process_warning
+
+    one_asked = {"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_USE_CPU": "False"}  # no MASTER_ADDR for one process
+    assert lone_process_warning(one_asked) is None and lone_process_warning({}) is None
