@@ -335,7 +335,7 @@ def test_a_multi_process_request_that_starts_one_process_is_reported(tmp_path):
     plain = ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     seen = {}
     for name, options in {"two asked, one started": ["--num_processes", "2", *plain],
-                          "two-process config": ["--config_file", str(config), "--main_process_port", "29541"]}.items():
+                          "two-process config": ["--config_file", str(config), "--main_process_port", "29547"]}.items():
         ran = subprocess.run([*launch, *options, str(probe)], capture_output=True, text=True, timeout=120)
         assert ran.returncode == 0, ran.stderr[-2000:]
         seen[name] = [line for line in ran.stdout.splitlines() if line.startswith("warning:")]
