@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shlex
+import socket
 import subprocess
 import sys
 import tarfile
@@ -241,7 +242,15 @@ def launched(script: Path, processes: int, mixed_precision: str) -> list[str]:
     if processes == 1:
         return [sys.executable, str(script)]
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-            "--num_machines", "1", "--mixed_precision", mixed_precision, "--dynamo_backend", "no", str(script)]
+            "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", mixed_precision,
+            "--dynamo_backend", "no", str(script)]
+
+
+def free_port() -> int:
+    """A local TCP port nothing listens on now, so a launch never meets another job on accelerate's default 29500."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def launch_env(cuda: bool) -> dict[str, str]:
@@ -329,7 +338,7 @@ def int_list(text: str, option: str) -> list[int]:
     return values
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="training,sampling", help="comma list of training, sampling, reference")
     parser.add_argument("--trainers", default="lcm,progressive,ladd")
@@ -352,26 +361,23 @@ def main() -> None:
     parser.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "fp16"],
                         help="reference part: --mixed_precision given to both scripts")
     parser.add_argument("--reference_processes", type=int, default=1,
-                        help="reference part: processes the reference script runs as (accelerate launch when > 1); "
-                        "they share --train_batch_size")
+                        help="reference part: data-parallel processes the reference script runs as (accelerate "
+                        "launch --multi_gpu when > 1, CPU processes on a machine without CUDA); they share --train_batch_size")
     parser.add_argument("--stepdistill_processes", type=int, default=1,
-                        help="reference part: processes train_lcm.py runs as (accelerate launch when > 1)")
+                        help="reference part: data-parallel processes train_lcm.py runs as (as above)")
     parser.add_argument("--output_dir", default="runs/bench_speed")
     parser.add_argument("--trainer_args", default="", help="extra options for our trainers, e.g. '--torch_compile true' "
                         "(raise --warmup_steps past the compile)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    out = Path(args.output_dir)
-    if args.child:
-        result = measure_trainer(args.child, out / f"train_{args.child}", args.train_batch_size, args.warmup_steps,
-                                 args.measure_steps, args.teacher, shlex.split(args.trainer_args))
-        print("RESULT " + json.dumps(result))
-        return
-    parts = set(args.parts.split(","))
+    return parser
+
+
+def check_args(args: argparse.Namespace, parts: set[str]) -> None:
+    """Every bad option is a one-line exit before anything is written."""
     if not parts <= {"training", "sampling", "reference"}:
         sys.exit(f"error: --parts {args.parts!r} may only name training, sampling and reference")
-    sampling_steps = int_list(args.sampling_steps, "--sampling_steps")
-    batch_sizes = int_list(args.sampling_batch_sizes, "--sampling_batch_sizes")
+    int_list(args.sampling_steps, "--sampling_steps")
+    int_list(args.sampling_batch_sizes, "--sampling_batch_sizes")
     if args.sampling_device not in ("cpu", "cuda"):
         sys.exit(f"error: --sampling_device {args.sampling_device!r} is not known; allowed: cpu, cuda")
     if args.sampling_device == "cuda" and "sampling" in parts:
@@ -390,54 +396,82 @@ def main() -> None:
     if "reference" in parts and not (args.reference_script and Path(args.reference_script).is_file()):
         sys.exit(f"error: --reference_script {args.reference_script!r} is not a file; give diffusers' "
                  "examples/consistency_distillation/train_lcm_distill_lora_sd_wds.py")
+
+
+def training_part(args: argparse.Namespace, out: Path) -> list[dict]:
+    """Each trainer measured in a child process of its own, so one trainer's memory does not count for another."""
+    from stepdistill.evaluation.speed_report import rate_text
+
+    rows = []
+    for trainer in args.trainers.split(","):
+        cmd = [sys.executable, __file__, "--child", trainer, "--teacher", args.teacher, "--output_dir", str(out),
+               "--train_batch_size", str(args.train_batch_size), "--warmup_steps", str(args.warmup_steps),
+               "--measure_steps", str(args.measure_steps), "--trainer_args", args.trainer_args]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if line is None:
+            sys.exit(f"error: the {trainer} measurement failed: {done.stderr[-2000:]}")
+        row = json.loads(line[len("RESULT "):])
+        rows.append(row)
+        split = ", ".join(f"{k} {v:.3f}" for k, v in sorted(row["split_s_per_step"].items()))
+        print(f"{trainer:12s} {rate_text(row['images_per_s']):>7s} img/s  {row['s_per_step']:.3f} s/step ({split})  "
+              f"peak RSS {row['peak_rss_mib']:.0f} MiB"
+              + (f", peak GPU memory {row['peak_gpu_mib']:.0f} MiB" if row.get("peak_gpu_mib") is not None else ""),
+              flush=True)
+    return rows
+
+
+def sampling_part(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    """Latency rows of the teacher and the students, and the parts of one call at every batch size."""
+    rows, parts = measure_sampling(args.teacher, args.students, int_list(args.sampling_steps, "--sampling_steps"),
+                                   int_list(args.sampling_batch_sizes, "--sampling_batch_sizes"), args.sampling_repeats,
+                                   args.max_sequence_length, args.sampling_device, args.sampling_dtype)
+    for row in rows:
+        print(f"{row['model']:24s} {row['steps']:3d} steps  {row['images_per_call']:3d} per call  "
+              f"{row['latency_ms']:8.1f} ms/image  {row['speedup_vs_teacher']:5.1f}x", flush=True)
+    for row in parts:
+        pieces = ", ".join(f"{k} {v:.1f}" for k, v in row["parts_ms"].items())
+        implied = ", ".join(f"{k} steps {v['with_fixed_costs']:.1f}x (network only {v['network_only']:.1f}x)"
+                            for k, v in row["predicted_speedup"].items())
+        print(f"parts of a call of {row['images_per_call']} (ms): {pieces}; implied speed-up: {implied}", flush=True)
+    return rows, parts
+
+
+def reference_part(args: argparse.Namespace, out: Path) -> dict:
+    """The pairs against diffusers' reference script, with the launch they used."""
+    result = compare_with_reference(Path(args.reference_script), out / "reference_run", args.teacher,
+                                    args.train_batch_size, args.warmup_steps, args.measure_steps,
+                                    shlex.split(args.trainer_args), args.reference_pairs, args.mixed_precision,
+                                    (args.reference_processes, args.stepdistill_processes))
+    result["mixed_precision"] = args.mixed_precision
+    result["processes"] = {"reference": args.reference_processes, "stepdistill": args.stepdistill_processes}
+    ref, ours = result["reference"], result["stepdistill"]
+    label = f" (median of {args.reference_pairs} pairs)" if args.reference_pairs > 1 else ""
+    print(f"LCM-LoRA, batch {args.train_batch_size}{label}: reference {ref['images_per_s']:.1f} img/s, {memory_text(ref)}; "
+          f"stepdistill {ours['images_per_s']:.1f} img/s, {memory_text(ours)}; speed-up {result['speedup']:.2f}x", flush=True)
+    return result
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    out = Path(args.output_dir)
+    if args.child:
+        result = measure_trainer(args.child, out / f"train_{args.child}", args.train_batch_size, args.warmup_steps,
+                                 args.measure_steps, args.teacher, shlex.split(args.trainer_args))
+        print("RESULT " + json.dumps(result))
+        return
+    parts = set(args.parts.split(","))
+    check_args(args, parts)
     out.mkdir(parents=True, exist_ok=True)
-    from stepdistill.evaluation.speed_report import rate_text, speed_markdown, write_speed_plot
+    from stepdistill.evaluation.speed_report import speed_markdown, write_speed_plot
 
     report: dict = {}
     if "training" in parts:
-        report["training"] = []
-        for trainer in args.trainers.split(","):
-            cmd = [sys.executable, __file__, "--child", trainer, "--teacher", args.teacher, "--output_dir", str(out),
-                   "--train_batch_size", str(args.train_batch_size), "--warmup_steps", str(args.warmup_steps),
-                   "--measure_steps", str(args.measure_steps), "--trainer_args", args.trainer_args]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
-            if line is None:
-                sys.exit(f"error: the {trainer} measurement failed: {done.stderr[-2000:]}")
-            row = json.loads(line[len("RESULT "):])
-            report["training"].append(row)
-            split = ", ".join(f"{k} {v:.3f}" for k, v in sorted(row["split_s_per_step"].items()))
-            print(f"{trainer:12s} {rate_text(row['images_per_s']):>7s} img/s  {row['s_per_step']:.3f} s/step ({split})  "
-                  f"peak RSS {row['peak_rss_mib']:.0f} MiB"
-                  + (f", peak GPU memory {row['peak_gpu_mib']:.0f} MiB" if row.get("peak_gpu_mib") is not None else ""),
-                  flush=True)
+        report["training"] = training_part(args, out)
     if "sampling" in parts:
-        report["sampling"], report["sampling_parts"] = measure_sampling(args.teacher, args.students, sampling_steps,
-                                                                        batch_sizes, args.sampling_repeats,
-                                                                        args.max_sequence_length, args.sampling_device,
-                                                                        args.sampling_dtype)
-        for row in report["sampling"]:
-            print(f"{row['model']:24s} {row['steps']:3d} steps  {row['images_per_call']:3d} per call  "
-                  f"{row['latency_ms']:8.1f} ms/image  {row['speedup_vs_teacher']:5.1f}x", flush=True)
-        for row in report["sampling_parts"]:
-            parts = ", ".join(f"{k} {v:.1f}" for k, v in row["parts_ms"].items())
-            implied = ", ".join(f"{k} steps {v['with_fixed_costs']:.1f}x (network only {v['network_only']:.1f}x)"
-                                for k, v in row["predicted_speedup"].items())
-            print(f"parts of a call of {row['images_per_call']} (ms): {parts}; implied speed-up: {implied}", flush=True)
+        report["sampling"], report["sampling_parts"] = sampling_part(args)
     if "reference" in parts:
-        report["reference"] = compare_with_reference(Path(args.reference_script), out / "reference_run", args.teacher,
-                                                     args.train_batch_size, args.warmup_steps, args.measure_steps,
-                                                     shlex.split(args.trainer_args), args.reference_pairs,
-                                                     args.mixed_precision,
-                                                     (args.reference_processes, args.stepdistill_processes))
-        report["reference"]["mixed_precision"] = args.mixed_precision
-        report["reference"]["processes"] = {"reference": args.reference_processes,
-                                            "stepdistill": args.stepdistill_processes}
-        ref, ours = report["reference"]["reference"], report["reference"]["stepdistill"]
-        label = f" (median of {args.reference_pairs} pairs)" if args.reference_pairs > 1 else ""
-        print(f"LCM-LoRA, batch {args.train_batch_size}{label}: reference {ref['images_per_s']:.1f} img/s, {memory_text(ref)}; "
-              f"stepdistill {ours['images_per_s']:.1f} img/s, {memory_text(ours)}; "
-              f"speed-up {report['reference']['speedup']:.2f}x", flush=True)
+        report["reference"] = reference_part(args, out)
     (out / "bench_speed.json").write_text(json.dumps(report, indent=2))
     (out / "bench_speed.md").write_text(speed_markdown(report))
     write_speed_plot(report, out / "bench_speed.png")
