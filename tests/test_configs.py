@@ -89,3 +89,18 @@ def test_unet_fewer_step_recipes_chain_from_the_4_step_refinement_with_a_v_outpu
     measured_two = dict(student_steps=[2], student_prediction="auto", learning_rate=3e-5, max_train_steps=400)
     assert {k: getattr(one, k) for k in measured_one} == measured_one
     assert {k: getattr(two, k) for k in measured_two} == measured_two
+
+
+def test_shipped_accelerate_configs_load_with_accelerates_own_reader():
+    """Each launch config is read by accelerate itself (unknown keys would fail), and it asks for the launcher
+    its name promises: the CPU config for torchrun's several processes (accelerate's MULTI_CPU type would start
+    one process without an MPI hostfile), the GPU ones for DDP, FSDP and DeepSpeed."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    expected = {"multi_cpu_2proc.yaml": ("MULTI_GPU", 2, True), "ddp_8gpu.yaml": ("MULTI_GPU", 8, False),
+                "fsdp_2node.yaml": ("FSDP", 16, False), "deepspeed_zero2.yaml": ("DEEPSPEED", 8, False)}
+    found = {}
+    for path in sorted((CONFIGS / "accelerate").glob("*.yaml")):
+        config = load_config_from_file(str(path))
+        found[path.name] = (config.distributed_type.value, config.num_processes, bool(config.use_cpu))
+    assert found == expected
