@@ -234,15 +234,16 @@ def compatible_reference(script: Path, work: Path) -> Path:
     return patched
 
 
-def launched(script: Path, processes: int, mixed_precision: str) -> list[str]:
+def launched(script: Path, processes: int, mixed_precision: str, port: int | None = None) -> list[str]:
     """The command that starts ``script``: plain ``python`` for one process, several through accelerate's
     multi-process launcher (torchrun; one torch thread per process). Without ``--multi_gpu``,
     ``accelerate launch --num_processes N`` on a machine without GPUs starts one process, not N; run it with
-    :func:`launch_env` so that those processes are CPU ones joined by gloo."""
+    :func:`launch_env` so that those processes are CPU ones joined by gloo. ``port``: the rendezvous port
+    (default: one that is free now)."""
     if processes == 1:
         return [sys.executable, str(script)]
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-            "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", mixed_precision,
+            "--num_machines", "1", "--main_process_port", str(port or free_port()), "--mixed_precision", mixed_precision,
             "--dynamo_backend", "no", str(script)]
 
 

@@ -182,13 +182,17 @@ def test_benchmark_launches_several_processes_through_accelerate(tmp_path):
     spec.loader.exec_module(bench)
     assert bench.launched(Path("t.py"), 1, "no") == [sys.executable, "t.py"]
     probe = tmp_path / "ranks.py"
-    probe.write_text("from accelerate import Accelerator\nimport torch.distributed as dist\na = Accelerator()\n"
-                     "print('rank', a.process_index, a.num_processes, dist.get_backend() if dist.is_initialized() else None)\n")
-    ran = subprocess.run(bench.launched(probe, 2, "no"), env=bench.launch_env(cuda=False), capture_output=True,
-                         text=True, timeout=120)
-    assert ran.returncode == 0, ran.stderr[-2000:]
+    # accelerate starts its processes unbuffered (python -u), so each writes its whole line at once (one write
+    # of a short line to a pipe is atomic) rather than print's pieces, which the two processes would interleave
+    probe.write_text("import os\nfrom accelerate import Accelerator\nimport torch.distributed as dist\na = Accelerator()\n"
+                     "backend = dist.get_backend() if dist.is_initialized() else None\n"
+                     "os.write(1, f'rank {a.process_index} {a.num_processes} {backend}\\n'.encode())\n")
+    # a fixed port outside the ephemeral range, as the other two-process tests use
+    ran = subprocess.run(bench.launched(probe, 2, "no", port=29553), env=bench.launch_env(cuda=False),
+                         capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, (ran.stdout[-2000:], ran.stderr[-3000:])
     ranks = sorted(line.split()[1:] for line in ran.stdout.splitlines() if line.startswith("rank "))
-    assert ranks == [["0", "2", "gloo"], ["1", "2", "gloo"]]
+    assert ranks == [["0", "2", "gloo"], ["1", "2", "gloo"]], (ran.stdout[-2000:], ran.stderr[-3000:])
     out = tmp_path / "bench"
     done = subprocess.run([sys.executable, str(script), "--parts", "sampling", "--train_batch_size", "32",
                            "--stepdistill_processes", "3", "--output_dir", str(out)], capture_output=True, text=True)

@@ -328,8 +328,9 @@ def test_a_multi_process_request_that_starts_one_process_is_reported(tmp_path):
     import sys
 
     probe = tmp_path / "probe.py"
-    probe.write_text("import os\nfrom stepdistill.training.loop import lone_process_warning\n"
-                     "print('warning:', lone_process_warning(os.environ) is not None)\n")
+    # one os.write per line: accelerate's processes run unbuffered, and print's pieces would interleave
+    probe.write_text("import os\nfrom stepdistill.training.launch_check import lone_process_warning\n"
+                     "os.write(1, f'warning: {lone_process_warning(os.environ) is not None}\\n'.encode())\n")
     config = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "multi_cpu_2proc.yaml"
     launch = [sys.executable, "-m", "accelerate.commands.launch"]
     plain = ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
@@ -340,7 +341,7 @@ def test_a_multi_process_request_that_starts_one_process_is_reported(tmp_path):
         assert ran.returncode == 0, ran.stderr[-2000:]
         seen[name] = [line for line in ran.stdout.splitlines() if line.startswith("warning:")]
     assert seen == {"two asked, one started": ["warning: True"], "two-process config": ["warning: False", "warning: False"]}
-    from stepdistill.training.loop import lone_process_warning
+    from stepdistill.training.launch_check import lone_process_warning
 
     one_asked = {"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_USE_CPU": "False"}  # no MASTER_ADDR for one process
     assert lone_process_warning(one_asked) is None and lone_process_warning({}) is None

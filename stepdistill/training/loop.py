@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -23,6 +22,7 @@ from stepdistill.errors import ConfigError, StepdistillError
 from stepdistill.methods.export import replace_folder
 from stepdistill.training.accel import speed_up_networks
 from stepdistill.training.checkpoint import list_checkpoints, load_extra_states, resolve_resume, save_checkpoint
+from stepdistill.training.launch_check import lone_process_warning
 from stepdistill.training.log_window import LogWindow
 from stepdistill.training.nonfinite import NonFiniteCounter, step_unless_nonfinite
 from stepdistill.training.side_thread import thread_budget
@@ -105,22 +105,6 @@ def prepare_output_dir(cfg: LoopConfig) -> Path:
                           "--overwrite_output_dir, or another folder")
     out.mkdir(parents=True, exist_ok=True)
     return out
-
-
-WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
-
-
-def lone_process_warning(env: Mapping[str, str]) -> str | None:
-    """The warning for a run that asked accelerate for several processes and got one, else None.
-
-    ``accelerate launch --num_processes N`` on a machine without GPUs uses its single-process launcher (several
-    need ``--multi_gpu`` or an MPI hostfile), so the run silently trains at 1/N of the global batch. That
-    launcher still sets MASTER_ADDR for N > 1, while every real multi-process launcher also sets a world size."""
-    launched_by_accelerate = "ACCELERATE_MIXED_PRECISION" in env
-    if launched_by_accelerate and "MASTER_ADDR" in env and not any(name in env for name in WORLD_SIZE_VARIABLES):
-        return ("accelerate launch was asked for several processes but started one; on a machine without GPUs add "
-                "--multi_gpu or use --config_file configs/accelerate/multi_cpu_2proc.yaml")
-    return None
 
 
 def make_accelerator(cfg: LoopConfig, out: Path) -> Accelerator:
