@@ -44,18 +44,23 @@ def small_npz(folder: Path) -> Path:
     return path
 
 
-def one_and_two_process_losses(script: str, options: list[str], out: Path, port: int,
+def one_and_two_process_losses(script: str, teacher_dir: Path, options: list[str], out: Path, port: int,
                                launcher: str = "torchrun") -> tuple[float, list[float]]:
-    """Run a training script as 1 process x batch 4 (into out/one) and as 2 gloo processes x batch 2 (into
-    out/two), started by ``torchrun`` or by ``accelerate launch`` with the shipped two-process CPU config;
-    return the single run's final loss and each process's."""
+    """Run ``train_scripts/<script>`` on the random teacher and ``small_npz`` data, with the settings every
+    distributed test shares (no warm-up, no validation, one thread each) plus ``options``: as 1 process x batch 4
+    (into out/one) and as 2 gloo processes x batch 2 (into out/two), started by ``torchrun`` or by ``accelerate
+    launch`` with the shipped two-process CPU config; return the single run's final loss and each process's."""
+    root = Path(__file__).resolve().parents[1]
+    script = str(root / "train_scripts" / script)
+    options = ["--pretrained_teacher_model", str(teacher_dir), "--dataset", str(small_npz(out)), "--validation_steps", "0",
+               "--report_to", "none", "--learning_rate", "1e-3", "--lr_warmup_steps", "0", "--num_threads", "1", *options]
     single = subprocess.run([sys.executable, script, *options, "--output_dir", str(out / "one"), "--train_batch_size", "4"],
                             capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-2000:]
     if launcher == "torchrun":
         start = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
     else:
-        config = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "multi_cpu_2proc.yaml"
+        config = root / "configs" / "accelerate" / "multi_cpu_2proc.yaml"
         start = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
                  "--main_process_port", str(port)]
     double = subprocess.run([*start, script, *options, "--output_dir", str(out / "two"), "--train_batch_size", "2"],
@@ -63,3 +68,13 @@ def one_and_two_process_losses(script: str, options: list[str], out: Path, port:
     assert double.returncode == 0, double.stderr[-2000:]
     loss_one = float(single.stdout.split("final loss ")[1].split(";")[0])
     return loss_one, [float(part.split(";")[0]) for part in double.stdout.split("final loss ")[1:]]
+
+
+def apart_over_moved(one: dict, two: dict, start: dict) -> float:
+    """How far two runs' weights are apart, as a share of how far training moved the first from ``start``
+    (summed over the whole network; keys ``start`` lacks, such as a new guidance embedding, are left out of both).
+    Adam turns float-order noise in near-zero gradients into updates of up to lr, so single weights may differ
+    between a one- and a two-process run; a wrong batch split or unsynced gradients give a share near 1."""
+    moved = sum((one[k] - start[k]).abs().sum().item() for k in start)
+    assert moved > 0
+    return sum((one[k] - two[k]).abs().sum().item() for k in start) / moved

@@ -159,13 +159,11 @@ def test_two_process_cpu_run_equals_one_process_run(random_teachers, tmp_path):
     config), give the 1-process batch-4 result (same noise, synced grads)."""
     from safetensors.torch import load_file
 
-    from method_runs import one_and_two_process_losses, small_npz
+    from method_runs import one_and_two_process_losses
 
-    common = ["--pretrained_teacher_model", str(random_teachers / "sd"), "--dataset", str(small_npz(tmp_path)),
-              "--max_train_steps", "3", "--validation_steps", "0", "--report_to", "none", "--learning_rate", "1e-3",
-              "--lr_warmup_steps", "0", "--lora_rank", "4", "--num_threads", "1"]
-    script = str(Path(__file__).resolve().parents[1] / "train_scripts" / "train_lcm.py")
-    loss_one, losses_two = one_and_two_process_losses(script, common, tmp_path, port=29533, launcher="accelerate")
+    options = ["--max_train_steps", "3", "--lora_rank", "4"]
+    loss_one, losses_two = one_and_two_process_losses("train_lcm.py", random_teachers / "sd", options, tmp_path, port=29533,
+                                                      launcher="accelerate")
     assert len(losses_two) == 2 and all(abs(x - loss_one) < 1e-4 * max(1.0, abs(loss_one)) for x in losses_two)
     a = load_file(tmp_path / "one" / "lora" / "pytorch_lora_weights.safetensors")
     b = load_file(tmp_path / "two" / "lora" / "pytorch_lora_weights.safetensors")
