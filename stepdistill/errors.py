@@ -23,6 +23,10 @@ class ModelError(StepdistillError):
     """A model path, pipeline class or prediction type that is not supported."""
 
 
+class DiskFullError(StepdistillError):
+    """The disk filled while a checkpoint or an export was written; the partial copy was removed."""
+
+
 def cli_errors(main: Callable[..., Any]) -> Callable[..., int]:
     """Wrap a ``main`` so that user errors print ``error: ...`` on one line and exit with status 2."""
 

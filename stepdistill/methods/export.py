@@ -12,7 +12,7 @@ import torch
 from peft.utils import get_peft_model_state_dict
 
 from stepdistill.teacher import TeacherWrapper
-from stepdistill.training.checkpoint import swap_into_place
+from stepdistill.training.checkpoint import removed_unless_finished, swap_into_place
 
 STUDENT_META = "stepdistill_student.json"
 TMP_PREFIX = ".tmp-"  # replace_folder writes into this sibling of the final folder
@@ -37,7 +37,10 @@ def replace_folder(final: Path, write: Callable[[Path], None]) -> Path:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.parent.mkdir(parents=True, exist_ok=True)
-    write(tmp)
+    kept = ("any earlier copy is kept; the run's checkpoints are too: free some space, then rerun with "
+            "--resume_from_checkpoint latest to write it again")
+    with removed_unless_finished(tmp, repr(str(final)), kept):
+        write(tmp)
     swap_into_place(tmp, final)
     return final
 

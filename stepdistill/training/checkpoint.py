@@ -1,11 +1,13 @@
 """Atomic checkpoints: write into a temporary folder, rename when complete, then prune old ones."""
 from __future__ import annotations
 
+import errno
 import json
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-
 from typing import Any
 
 import torch
@@ -13,7 +15,7 @@ from accelerate import Accelerator
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from stepdistill.errors import ConfigError
+from stepdistill.errors import ConfigError, DiskFullError
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 META_FILE = "stepdistill_checkpoint.json"
@@ -54,6 +56,27 @@ def swap_into_place(tmp: Path, final: Path) -> None:
         shutil.rmtree(doomed)
 
 
+def is_disk_full(err: BaseException) -> bool:
+    """Whether a write failed for want of space. safetensors' writer reports ENOSPC only in its message."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left on device" in str(err) or "(os error 28)" in str(err)
+
+
+@contextmanager
+def removed_unless_finished(tmp: Path, what: str, then: str) -> Iterator[None]:
+    """Delete the temporary folder ``tmp`` when writing it fails, since a half-written copy on a full disk would
+    keep it full; a full disk becomes a one-line :class:`DiskFullError` naming ``what`` and what to do ``then``."""
+    try:
+        yield
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, Exception) and is_disk_full(err):
+            raise DiskFullError(f"no space left on device while writing {what}; the partial copy was removed and "
+                                f"{then}") from err
+        raise
+
+
 def _clear_removal_leftovers(output_dir: Path) -> None:
     """Folders a killed run left half-deleted (see :func:`remove_checkpoint`)."""
     for leftover in output_dir.glob(".tmp-removing-checkpoint-*"):
@@ -71,11 +94,14 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, train
         if tmp.exists():
             shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
+    kept = "the earlier checkpoints are kept: free some space, then rerun with --resume_from_checkpoint latest"
+    with removed_unless_finished(tmp, f"checkpoint-{step} into {str(output_dir)!r}", kept):
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            save_extra_states(list(extra_objects), tmp)
+            (tmp / META_FILE).write_text(json.dumps({"step": step, "trainer": trainer, "identity": identity or {}}))
     if accelerator.is_main_process:
-        save_extra_states(list(extra_objects), tmp)
-        (tmp / META_FILE).write_text(json.dumps({"step": step, "trainer": trainer, "identity": identity or {}}))
         swap_into_place(tmp, final)
         if total_limit is not None:
             for old in list_checkpoints(output_dir)[:-total_limit]:
