@@ -26,6 +26,7 @@ from stepdistill.training.launch_check import lone_process_warning
 from stepdistill.training.log_window import LogWindow
 from stepdistill.training.nonfinite import NonFiniteCounter, step_unless_nonfinite
 from stepdistill.training.side_thread import thread_budget
+from stepdistill.training.trainable_state import keep_checkpoints_to_trainable_weights
 from stepdistill.training.step_random import StepRandom, batch_indices
 from stepdistill.training.timing import timed
 
@@ -155,6 +156,7 @@ def _run_training(method: TrainingMethod, cfg: LoopConfig, tracker_config: dict[
                   accelerator: Accelerator | None) -> dict[str, float]:
     out = prepare_output_dir(cfg)
     accelerator = accelerator or make_accelerator(cfg, out)
+    keep_checkpoints_to_trainable_weights(accelerator)  # a LoRA student's frozen base comes from the teacher again
     to_device = getattr(method, "to_device", None)  # optional: networks and state accelerate does not place
     if to_device is not None:
         to_device(accelerator.device)
