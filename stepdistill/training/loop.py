@@ -26,9 +26,9 @@ from stepdistill.training.launch_check import lone_process_warning
 from stepdistill.training.log_window import LogWindow
 from stepdistill.training.nonfinite import NonFiniteCounter, step_unless_nonfinite
 from stepdistill.training.side_thread import thread_budget
-from stepdistill.training.trainable_state import keep_checkpoints_to_trainable_weights
 from stepdistill.training.step_random import StepRandom, batch_indices
 from stepdistill.training.timing import timed
+from stepdistill.training.trainable_state import keep_checkpoints_to_trainable_weights
 
 
 @dataclass
