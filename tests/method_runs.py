@@ -14,6 +14,7 @@ from stepdistill.methods.common import LatentPromptData
 from stepdistill.teacher import load_teacher
 from stepdistill.training.loop import run_training
 
+ROOT = Path(__file__).resolve().parents[1]
 FAST_RUN = dict(max_train_steps=3, train_batch_size=4, learning_rate=1e-2, lr_warmup_steps=0, report_to="none",
                 validation_steps=0, checkpointing_steps=2, lora_rank=4, lora_alpha=8.0)
 
@@ -44,28 +45,39 @@ def small_npz(folder: Path) -> Path:
     return path
 
 
+def distributed_test_command(script: str, teacher_dir: Path, out: Path, options: list[str]) -> tuple[str, list[str]]:
+    """The path of ``train_scripts/<script>`` and the options every distributed test shares (the random teacher,
+    ``small_npz`` data, no warm-up, no validation, one thread each) followed by ``options``."""
+    return str(ROOT / "train_scripts" / script), [
+        "--pretrained_teacher_model", str(teacher_dir), "--dataset", str(small_npz(out)), "--validation_steps", "0",
+        "--report_to", "none", "--learning_rate", "1e-3", "--lr_warmup_steps", "0", "--num_threads", "1", *options]
+
+
+def two_process_launch(launcher: str, port: int) -> list[str]:
+    """The command start for 2 gloo processes: ``torchrun``, or ``accelerate launch`` with the shipped CPU config."""
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    config = ROOT / "configs" / "accelerate" / "multi_cpu_2proc.yaml"
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--main_process_port", str(port)]
+
+
+def run_ok(command: list[str]) -> subprocess.CompletedProcess:
+    """Run a training command, failing the test with its error output when it fails."""
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
 def one_and_two_process_losses(script: str, teacher_dir: Path, options: list[str], out: Path, port: int,
                                launcher: str = "torchrun") -> tuple[float, list[float]]:
     """Run ``train_scripts/<script>`` on the random teacher and ``small_npz`` data, with the settings every
     distributed test shares (no warm-up, no validation, one thread each) plus ``options``: as 1 process x batch 4
     (into out/one) and as 2 gloo processes x batch 2 (into out/two), started by ``torchrun`` or by ``accelerate
     launch`` with the shipped two-process CPU config; return the single run's final loss and each process's."""
-    root = Path(__file__).resolve().parents[1]
-    script = str(root / "train_scripts" / script)
-    options = ["--pretrained_teacher_model", str(teacher_dir), "--dataset", str(small_npz(out)), "--validation_steps", "0",
-               "--report_to", "none", "--learning_rate", "1e-3", "--lr_warmup_steps", "0", "--num_threads", "1", *options]
-    single = subprocess.run([sys.executable, script, *options, "--output_dir", str(out / "one"), "--train_batch_size", "4"],
-                            capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr[-2000:]
-    if launcher == "torchrun":
-        start = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
-    else:
-        config = root / "configs" / "accelerate" / "multi_cpu_2proc.yaml"
-        start = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-                 "--main_process_port", str(port)]
-    double = subprocess.run([*start, script, *options, "--output_dir", str(out / "two"), "--train_batch_size", "2"],
-                            capture_output=True, text=True, timeout=300)
-    assert double.returncode == 0, double.stderr[-2000:]
+    script, options = distributed_test_command(script, teacher_dir, out, options)
+    single = run_ok([sys.executable, script, *options, "--output_dir", str(out / "one"), "--train_batch_size", "4"])
+    double = run_ok([*two_process_launch(launcher, port), script, *options, "--output_dir", str(out / "two"),
+                     "--train_batch_size", "2"])
     loss_one = float(single.stdout.split("final loss ")[1].split(";")[0])
     return loss_one, [float(part.split(";")[0]) for part in double.stdout.split("final loss ")[1:]]
 

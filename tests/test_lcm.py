@@ -172,6 +172,35 @@ def test_two_process_cpu_run_equals_one_process_run(random_teachers, tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 3e-4
 
 
+def test_a_one_process_checkpoint_resumes_in_two_processes_on_the_same_schedule(random_teachers, tmp_path):
+    """A checkpoint written by one process continues in two (same global batch) and ends where the straight
+    one-process run ends. The LR schedule is counted in optimizer steps: with accelerate's default (once per
+    process) a linear decay resumed in two processes ended at 6 of 8 scheduler steps, at lr 2.5e-5, not 0."""
+    import shutil
+    import sys
+
+    from method_runs import apart_over_moved, distributed_test_command, run_ok, two_process_launch
+    from safetensors.torch import load_file
+
+    script, options = distributed_test_command("train_lcm.py", random_teachers / "sd", tmp_path,
+                                               ["--lora_rank", "4", "--checkpointing_steps", "2", "--lr_scheduler", "linear",
+                                                "--checkpoints_total_limit", "3"])
+    run_ok([sys.executable, script, *options, "--train_batch_size", "4", "--output_dir", str(tmp_path / "straight"),
+            "--max_train_steps", "4"])
+    (tmp_path / "moved").mkdir()
+    shutil.copytree(tmp_path / "straight" / "checkpoint-2", tmp_path / "moved" / "checkpoint-2")
+    resumed = run_ok([*two_process_launch("accelerate", 29536), script, *options, "--train_batch_size", "2",
+                      "--output_dir", str(tmp_path / "moved"), "--max_train_steps", "4", "--resume_from_checkpoint", "latest"])
+    assert resumed.stdout.count("done: lcm") == 2
+    schedules = [torch.load(tmp_path / run / "checkpoint-4" / "scheduler.bin", weights_only=True) for run in ("straight", "moved")]
+    assert [s["last_epoch"] for s in schedules] == [4, 4] and schedules[0]["_last_lr"] == schedules[1]["_last_lr"] == [0.0]
+    weights = "lora/pytorch_lora_weights.safetensors"
+    straight, moved = load_file(tmp_path / "straight" / weights), load_file(tmp_path / "moved" / weights)
+    at_step_2 = {"unet." + k.replace(".default", ""): v  # the checkpoint's peft names in the export's form
+                 for k, v in load_file(tmp_path / "moved" / "checkpoint-2" / "model.safetensors").items()}
+    assert at_step_2.keys() == straight.keys() and apart_over_moved(straight, moved, at_step_2) < 0.02
+
+
 @pytest.mark.parametrize("options", [dict(use_target_network=True), dict(use_target_network=False),
                                      dict(use_lora=False), dict(use_target_network=True, adversarial_weight=0.5, disc_hidden=8)],
                          ids=["lora-ema-target", "lora-self-target", "full", "lora-adversarial"])

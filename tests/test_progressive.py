@@ -141,8 +141,8 @@ def test_resume_across_a_round_boundary_reproduces_the_uninterrupted_run(random_
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("num_processes", [1, 2])
-def test_lr_per_round_restarts_and_decays_within_every_phase(random_teachers, num_processes):
+@pytest.mark.parametrize("calls_per_step", [1, 2])
+def test_lr_per_round_restarts_and_decays_within_every_phase(random_teachers, calls_per_step):
     cfg = ProgressiveConfig(pretrained_teacher_model=str(random_teachers / "sd"), start_steps=4, end_steps=1,
                             guidance_distillation_steps=4, iterations_per_round=4, lr_warmup_steps=1, lr_per_round=True,
                             learning_rate=1.0)
@@ -150,16 +150,16 @@ def test_lr_per_round_restarts_and_decays_within_every_phase(random_teachers, nu
     teacher = load_teacher(random_teachers / "sd")
     method = ProgressiveMethod(cfg, teacher, LatentPromptData(teacher, small_data(4)))
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    scheduler = method.make_lr_scheduler(optimizer, num_processes)
+    scheduler = method.make_lr_scheduler(optimizer, calls_per_step)
     rates = []
     for _ in range(12):  # guidance stage + 2 rounds, 4 optimizer steps each
         rates.append(optimizer.param_groups[0]["lr"])
-        for _ in range(num_processes):  # accelerate steps a prepared scheduler once per process
+        for _ in range(calls_per_step):  # an accelerator that links it to the optimizer: once per process
             optimizer.step()
             scheduler.step()
     assert rates == pytest.approx([0.0, 1.0, 2 / 3, 1 / 3] * 3)
     cfg.lr_per_round = False
-    assert method.make_lr_scheduler(optimizer, num_processes) is None  # the loop's own --lr_scheduler
+    assert method.make_lr_scheduler(optimizer, calls_per_step) is None  # the loop's own --lr_scheduler
 
 
 def test_guidance_distillation_moves_the_student_toward_the_guided_teacher(tmp_path):

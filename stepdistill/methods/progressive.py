@@ -194,16 +194,16 @@ class ProgressiveMethod(LatentMethodBase):
             batch["train_latents"] = self.teacher_latents[indices].to(device)
         return batch
 
-    def make_lr_scheduler(self, optimizer: torch.optim.Optimizer, num_processes: int) -> LambdaLR | None:
+    def make_lr_scheduler(self, optimizer: torch.optim.Optimizer, calls_per_step: int) -> LambdaLR | None:
         """With ``lr_per_round``: warm-up, then a linear decay to 0, inside every phase. A constant rate leaves
         each round's student wherever the last noisy updates put it; decaying lets it settle before it becomes
-        the next round's teacher. The shared loop steps the scheduler ``num_processes`` times per step."""
+        the next round's teacher. The shared loop steps the scheduler ``calls_per_step`` times per step."""
         if not self.cfg.lr_per_round:
             return None
         warmup = self.cfg.lr_warmup_steps
 
         def factor(scheduler_step: int) -> float:
-            step = scheduler_step // num_processes
+            step = scheduler_step // calls_per_step
             phase = self.phase_at(step)
             local, length = step - phase.first_step, phase.end_step - phase.first_step
             if local < warmup:

@@ -116,8 +116,17 @@ def make_accelerator(cfg: LoopConfig, out: Path) -> Accelerator:
     log_with = None if cfg.report_to == "none" else cfg.report_to
     project = ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs"))
     # cpu=True on machines without CUDA makes torchrun / accelerate multi-process runs use gloo (MULTI_CPU)
+    # step_scheduler_with_optimizer=False: the scheduler advances once per optimizer step, not once per process,
+    # so a checkpoint's schedule position means the same whatever number of processes resumes it
     return Accelerator(mixed_precision=cfg.mixed_precision, log_with=log_with, project_config=project,
-                       cpu=not torch.cuda.is_available())
+                       cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
+
+
+def scheduler_calls_per_step(accelerator: Accelerator) -> int:
+    """How often a prepared LR scheduler is stepped per training step: accelerate's default links it to the
+    optimizer and steps it once per process; :func:`make_accelerator` unlinks it (once per step)."""
+    linked = accelerator.step_scheduler_with_optimizer and not accelerator.split_batches
+    return accelerator.num_processes if linked else 1
 
 
 def export_atomically(method: TrainingMethod, model: torch.nn.Module, out: Path) -> Path:
@@ -165,11 +174,12 @@ def _run_training(method: TrainingMethod, cfg: LoopConfig, tracker_config: dict[
     speed_up_networks(networks, cfg.torch_compile, cfg.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg, params)
+    calls = scheduler_calls_per_step(accelerator)
     own_scheduler = getattr(method, "make_lr_scheduler", None)  # optional: a trainer-specific learning-rate plan
-    lr_scheduler = own_scheduler(optimizer, accelerator.num_processes) if own_scheduler is not None else None
+    lr_scheduler = own_scheduler(optimizer, calls) if own_scheduler is not None else None
     if lr_scheduler is None:
-        lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
-                                     num_training_steps=cfg.max_train_steps * accelerator.num_processes)
+        lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * calls,
+                                     num_training_steps=cfg.max_train_steps * calls)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     prepare_extra = getattr(method, "prepare_extra", None)  # optional: e.g. a discriminator and its optimizer
     if prepare_extra is not None:
