@@ -118,10 +118,25 @@ def test_latest_student_is_the_newest_that_fits_the_teacher(tmp_path, student_di
     assert find_latest_student(tmp_path / "a" / "pipeline" / "unet", "StableDiffusionPipeline") is None
 
 
-def test_served_app_answers_gradio_client_and_twenty_concurrent_requests(served):
+@pytest.fixture
+def client_download_folders_removed():
+    """gradio_client downloads each file through a new folder in the system's temporary directory and leaves
+    it there empty (189 per test run); remove the empty ones this test added."""
+    import re
+    import tempfile
+
+    temp = Path(tempfile.gettempdir())
+    before = set(temp.iterdir())
+    yield
+    for folder in set(temp.iterdir()) - before:
+        if re.fullmatch(r"[0-9a-f]{40}", folder.name) and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def test_served_app_answers_gradio_client_and_twenty_concurrent_requests(served, tmp_path, client_download_folders_removed):
     from gradio_client import Client
 
-    client = Client(served, verbose=False)
+    client = Client(served, verbose=False, download_files=tmp_path)
     gallery, table = client.predict("red apple", 1, 4.0, 8, 2, api_name="/generate")
     assert len(gallery) == 9 and all(Path(item["image"]).is_file() for item in gallery)
     students = [[name, k, k] for name in ("pd", "lcm") for k in (1, 2, 4, 8)]
