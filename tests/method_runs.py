@@ -45,8 +45,8 @@ def small_npz(folder: Path) -> Path:
     return path
 
 
-def distributed_test_command(script: str, teacher_dir: Path, out: Path, options: list[str]) -> tuple[str, list[str]]:
-    """The path of ``train_scripts/<script>`` and the options every distributed test shares (the random teacher,
+def script_command(script: str, teacher_dir: Path, out: Path, options: list[str]) -> tuple[str, list[str]]:
+    """The path of ``train_scripts/<script>`` and the options the script-level tests share (the random teacher,
     ``small_npz`` data, no warm-up, no validation, one thread each) followed by ``options``."""
     return str(ROOT / "train_scripts" / script), [
         "--pretrained_teacher_model", str(teacher_dir), "--dataset", str(small_npz(out)), "--validation_steps", "0",
@@ -74,7 +74,7 @@ def one_and_two_process_losses(script: str, teacher_dir: Path, options: list[str
     distributed test shares (no warm-up, no validation, one thread each) plus ``options``: as 1 process x batch 4
     (into out/one) and as 2 gloo processes x batch 2 (into out/two), started by ``torchrun`` or by ``accelerate
     launch`` with the shipped two-process CPU config; return the single run's final loss and each process's."""
-    script, options = distributed_test_command(script, teacher_dir, out, options)
+    script, options = script_command(script, teacher_dir, out, options)
     single = run_ok([sys.executable, script, *options, "--output_dir", str(out / "one"), "--train_batch_size", "4"])
     double = run_ok([*two_process_launch(launcher, port), script, *options, "--output_dir", str(out / "two"),
                      "--train_batch_size", "2"])

@@ -179,10 +179,10 @@ def test_a_one_process_checkpoint_resumes_in_two_processes_on_the_same_schedule(
     import shutil
     import sys
 
-    from method_runs import apart_over_moved, distributed_test_command, run_ok, two_process_launch
+    from method_runs import apart_over_moved, script_command, run_ok, two_process_launch
     from safetensors.torch import load_file
 
-    script, options = distributed_test_command("train_lcm.py", random_teachers / "sd", tmp_path,
+    script, options = script_command("train_lcm.py", random_teachers / "sd", tmp_path,
                                                ["--lora_rank", "4", "--checkpointing_steps", "2", "--lr_scheduler", "linear",
                                                 "--checkpoints_total_limit", "3"])
     run_ok([sys.executable, script, *options, "--train_batch_size", "4", "--output_dir", str(tmp_path / "straight"),

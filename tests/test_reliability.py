@@ -66,7 +66,7 @@ def test_a_full_disk_stops_the_run_in_one_line_and_keeps_what_was_complete(rando
     import errno
 
     from accelerate import Accelerator
-    from method_runs import small_npz
+    from method_runs import script_command
     from safetensors import SafetensorError
     from test_testbed_teachers import load_script
 
@@ -74,9 +74,9 @@ def test_a_full_disk_stops_the_run_in_one_line_and_keeps_what_was_complete(rando
     from stepdistill.training.checkpoint import list_checkpoints
 
     out = tmp_path / "run"
-    argv = ["--pretrained_teacher_model", str(random_teachers / "sd"), "--dataset", str(small_npz(tmp_path)),
-            "--output_dir", str(out), "--max_train_steps", "3", "--checkpointing_steps", "2", "--train_batch_size", "4",
-            "--validation_steps", "0", "--report_to", "none", "--lora_rank", "4", "--num_threads", "1"]
+    _, argv = script_command("train_lcm.py", random_teachers / "sd", tmp_path,
+                             ["--output_dir", str(out), "--max_train_steps", "3", "--checkpointing_steps", "2",
+                              "--train_batch_size", "4", "--lora_rank", "4"])
     script = load_script("train_lcm")
     real_save_state, real_export = Accelerator.save_state, LCMMethod.export
 
@@ -152,14 +152,14 @@ def test_a_lora_checkpoint_holds_the_adapter_only_and_a_resume_with_another_rank
     """An LCM-LoRA checkpoint stores the adapter, not the frozen UNet around it (about 1/20 of the size on the
     test network; 3.4 GB less per checkpoint for an SD1.5 UNet); resuming it at another LoRA rank is a one-line
     error, not a traceback from a half-loaded state."""
-    from method_runs import small_npz
+    from method_runs import script_command
     from safetensors.torch import load_file
     from test_testbed_teachers import load_script
 
     out = tmp_path / "run"
-    argv = ["--pretrained_teacher_model", str(random_teachers / "sd"), "--dataset", str(small_npz(tmp_path)),
-            "--output_dir", str(out), "--max_train_steps", "2", "--checkpointing_steps", "2", "--train_batch_size", "4",
-            "--validation_steps", "0", "--report_to", "none", "--lora_rank", "4", "--num_threads", "1"]
+    _, argv = script_command("train_lcm.py", random_teachers / "sd", tmp_path,
+                             ["--output_dir", str(out), "--max_train_steps", "2", "--checkpointing_steps", "2",
+                              "--train_batch_size", "4", "--lora_rank", "4"])
     script = load_script("train_lcm")
     assert script.main(argv) == 0
     saved = load_file(out / "checkpoint-2" / "model.safetensors")
