@@ -25,15 +25,20 @@ def small_data(count: int = 16):
     return data
 
 
-def train_method(config_cls: type, method_cls: type, teacher_dir: Path, out: Path, **options: Any):
-    """Build ``config_cls`` from FAST_RUN plus ``options``, train ``method_cls`` with it, return the method."""
+def build_method(config_cls: type, method_cls: type, teacher_dir: Path, out: Path, **options: Any):
+    """``method_cls`` built from FAST_RUN plus ``options``, untrained (its student as training starts)."""
     fields = {f.name for f in dataclasses.fields(config_cls)}
     base = {k: v for k, v in FAST_RUN.items() if k in fields}  # full-model trainers have no LoRA options
     cfg = config_cls(**{**base, "pretrained_teacher_model": str(teacher_dir), "output_dir": str(out), **options})
     cfg.validate()
     teacher = load_teacher(teacher_dir, max_sequence_length=8)
-    method = method_cls(cfg, teacher, LatentPromptData(teacher, small_data()))
-    run_training(method, cfg)
+    return method_cls(cfg, teacher, LatentPromptData(teacher, small_data()))
+
+
+def train_method(config_cls: type, method_cls: type, teacher_dir: Path, out: Path, **options: Any):
+    """Build ``config_cls`` from FAST_RUN plus ``options``, train ``method_cls`` with it, return the method."""
+    method = build_method(config_cls, method_cls, teacher_dir, out, **options)
+    run_training(method, method.cfg)
     return method
 
 

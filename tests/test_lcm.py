@@ -154,15 +154,17 @@ def test_bad_lcm_options(overrides, match):
         LCMConfig(**overrides).validate()
 
 
-def test_two_process_cpu_run_equals_one_process_run(random_teachers, tmp_path):
+@pytest.mark.parametrize("lora_forward,port", [("branched", 29533), ("folded", 29538)])
+def test_two_process_cpu_run_equals_one_process_run(random_teachers, tmp_path, lora_forward, port):
     """2 gloo processes x batch 2, launched as the README says (accelerate with the shipped two-process CPU
-    config), give the 1-process batch-4 result (same noise, synced grads)."""
+    config), give the 1-process batch-4 result (same noise, synced grads); also when the student's pass runs
+    folded through the DDP wrapper."""
     from safetensors.torch import load_file
 
     from method_runs import one_and_two_process_losses
 
-    options = ["--max_train_steps", "3", "--lora_rank", "4"]
-    loss_one, losses_two = one_and_two_process_losses("train_lcm.py", random_teachers / "sd", options, tmp_path, port=29533,
+    options = ["--max_train_steps", "3", "--lora_rank", "4", "--lora_forward", lora_forward]
+    loss_one, losses_two = one_and_two_process_losses("train_lcm.py", random_teachers / "sd", options, tmp_path, port=port,
                                                       launcher="accelerate")
     assert len(losses_two) == 2 and all(abs(x - loss_one) < 1e-4 * max(1.0, abs(loss_one)) for x in losses_two)
     a = load_file(tmp_path / "one" / "lora" / "pytorch_lora_weights.safetensors")
@@ -202,8 +204,11 @@ def test_a_one_process_checkpoint_resumes_in_two_processes_on_the_same_schedule(
 
 
 @pytest.mark.parametrize("options", [dict(use_target_network=True), dict(use_target_network=False),
-                                     dict(use_lora=False), dict(use_target_network=True, adversarial_weight=0.5, disc_hidden=8)],
-                         ids=["lora-ema-target", "lora-self-target", "full", "lora-adversarial"])
+                                     dict(use_lora=False), dict(use_target_network=True, adversarial_weight=0.5, disc_hidden=8),
+                                     dict(use_target_network=True, lora_forward="folded"),
+                                     dict(use_target_network=False, lora_forward="folded")],
+                         ids=["lora-ema-target", "lora-self-target", "full", "lora-adversarial", "folded-ema-target",
+                              "folded-self-target"])
 def test_side_thread_overlap_gives_the_sequential_result(random_teachers, tmp_path, options):
     """--overlap_teacher runs the teacher and target passes on a second thread; the numbers must not change.
     Both runs compute every pass single-threaded (the overlapped run splits 2 threads into 1 + 1), so even the
@@ -251,3 +256,24 @@ def test_loaded_lora_student_is_fused_without_peft_layers_and_keeps_the_numbers(
         trained = method.teacher.with_model(method.student_net).predict(x, t, embeds).eps
         loaded = method.teacher.with_model(net).predict(x, t, embeds).eps
     torch.testing.assert_close(loaded, trained, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("use_target_network", [False, True], ids=["self-target", "ema-target"])
+def test_folded_lora_forward_trains_as_the_branched_one(random_teachers, tmp_path, use_target_network):
+    """--lora_forward folded changes how each pass is computed, not what: the same run ends on the same adapter,
+    up to float-order noise (a fold that dropped the adapter's scale or its gradient ends far apart)."""
+    from safetensors.torch import load_file
+
+    from method_runs import apart_over_moved, build_method
+
+    options = dict(max_train_steps=6, use_target_network=use_target_network, ema_decay=0.5, learning_rate=1e-3,
+                   w_min=2.0, w_max=6.0)
+    start = {"unet." + name.replace(".default", ""): p.detach().clone()
+             for name, p in build_method(LCMConfig, LCMMethod, random_teachers / "sd", tmp_path / "start",
+                                         **options).student_net.named_parameters() if p.requires_grad}
+    runs = {}
+    for forward in ("branched", "folded"):
+        train(random_teachers / "sd", tmp_path / forward, lora_forward=forward, **options)
+        runs[forward] = load_file(tmp_path / forward / "lora" / "pytorch_lora_weights.safetensors")
+    assert runs["branched"].keys() == start.keys()
+    assert apart_over_moved(runs["branched"], runs["folded"], start) < 0.02

@@ -22,6 +22,7 @@ from stepdistill.methods.adversarial import AdversarialOptions, AdversarialTerm
 from stepdistill.methods.common import (FrozenPassOptions, LatentMethodBase, LatentPromptData, adapters_disabled, build_student,
                                        write_validation)
 from stepdistill.methods.export import write_lora, write_model_card
+from stepdistill.methods.folded_lora import FoldedLora
 from stepdistill.methods.target_adapter import AdapterEMA
 from stepdistill.solvers import (consistency_output, ddim_step, guidance_scale_embedding, lcm_inference_timesteps,
                                  lcm_skip_timesteps, sample_consistency)
@@ -42,6 +43,7 @@ class LCMConfig(FrozenPassOptions, AdversarialOptions, LoopConfig):
     use_lora: bool = True  # LCM-LoRA (True) or full-model LCM with a guidance embedding (False)
     lora_rank: int = 16  # LoRA rank
     lora_alpha: float = 16.0  # LoRA alpha (scale = alpha / rank)
+    lora_forward: Literal["branched", "folded"] = "branched"  # folded: each adapter folded into its base weight per training pass (faster on small networks on a CPU, slower on full-size ones; see README)
     num_ddim_timesteps: int = 50  # N of the skipping grid, k = T / N
     w_min: float = 3.0  # guidance weight range sampled per example; teacher CFG scale is w + 1
     w_max: float = 3.0  # (LoRA students cannot see w, so keep the range narrow there)
@@ -67,6 +69,12 @@ class LCMConfig(FrozenPassOptions, AdversarialOptions, LoopConfig):
             raise ConfigError(f"w_min={self.w_min}, w_max={self.w_max}: need 0 <= w_min <= w_max")
         if self.use_lora and self.lora_rank < 1:
             raise ConfigError(f"lora_rank={self.lora_rank} must be at least 1")
+        if self.lora_forward == "folded":
+            clash = [name for name, on in (("use_lora=false", not self.use_lora), ("gradient_checkpointing=true", self.gradient_checkpointing),
+                                           ("torch_compile=true", self.torch_compile)) if on]
+            if clash:
+                raise ConfigError(f"lora_forward=folded cannot be combined with {clash[0]} (a folded pass needs a LoRA "
+                                  "student, and recomputed or compiled passes would not see the folded weights); use lora_forward=branched")
         if self.snr_gamma is not None and not self.snr_gamma > 0:
             raise ConfigError(f"snr_gamma={self.snr_gamma} must be positive (or none for uniform weighting)")
         if not 1 <= self.num_ddim_timesteps <= 1000:
@@ -130,6 +138,11 @@ class LCMMethod(LatentMethodBase):
         elif cfg.use_target_network:
             self.target_adapter = AdapterEMA(self.student_net, cfg.ema_decay, holder=self.side_net)
         self.adversarial = AdversarialTerm(teacher, base, cfg, cfg.use_lora, cfg.seed) if cfg.adversarial_weight > 0 else None
+        self.folded: dict[int, FoldedLora] = {}  # lora_forward=folded: each network's folded runner, by id
+        if cfg.lora_forward == "folded":
+            for net in (self.student_net, self.side_net):
+                if net is not None:
+                    self.folded[id(net)] = FoldedLora(net)
 
     def prepare_extra(self, accelerator: Accelerator, out: Path) -> None:
         if self.adversarial is not None:
@@ -194,6 +207,10 @@ class LCMMethod(LatentMethodBase):
     def _student_output(self, model: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, embeds: PromptEmbeds,
                         extra: dict[str, torch.Tensor]) -> torch.Tensor:
         """The student's consistency output (its x0 estimate) at t."""
+        if self.folded:  # the prepared model (maybe DDP-wrapped) is folded as it is, so the gradient sync stays
+            if id(model) not in self.folded:
+                self.folded[id(model)] = FoldedLora(model)
+            model = self.folded[id(model)]
         raw = self.teacher.with_model(model).predict(x_t, t, embeds, **extra)
         return consistency_output(x_t, raw, t, self.cfg.timestep_scaling_factor)
 
@@ -210,7 +227,8 @@ class LCMMethod(LatentMethodBase):
         job = self._next if self._next is not None and self._next.step == rand.step else self._start_teacher(batch, rand)
         self._next = None
         embeds, extra = batch["embeds"], self._w_kwargs(job.w)
-        target = self.side.submit(lambda: self._target_output(job.x_prev.result(), job.t_prev, embeds, extra))
+        net = self.target_model()  # chosen here: a folded target reads the live adapter's tensors on this thread
+        target = self.side.submit(lambda: self._target_output(job.x_prev.result(), job.t_prev, embeds, extra, net))
         prediction = self._student_output(model, job.x_t, job.t, embeds, extra)
         with timed("teacher"):  # here: the time spent waiting for the side thread
             target = target.result()
@@ -250,17 +268,31 @@ class LCMMethod(LatentMethodBase):
         return ddim_step(teacher_pred, *[v.to(x_t.device) for v in self.teacher.schedule.alpha_sigma(t_prev)])
 
     def _target_output(self, x_prev: torch.Tensor, t_prev: torch.Tensor, embeds: PromptEmbeds,
-                       extra: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The target network's consistency output at t_prev."""
+                       extra: dict[str, torch.Tensor], net: torch.nn.Module | None = None) -> torch.Tensor:
+        """The target network's (``net``, by default :meth:`target_model`'s) consistency output at t_prev."""
         with self.cfg.frozen_autocast(x_prev.device):
-            target_pred = self.teacher.with_model(self.target_model()).predict(x_prev, t_prev, embeds, **extra)
+            target_pred = self.teacher.with_model(net or self.target_model()).predict(x_prev, t_prev, embeds, **extra)
         return consistency_output(x_prev, target_pred, t_prev, self.cfg.timestep_scaling_factor)
 
     def target_model(self) -> torch.nn.Module:
         """The network LCM's targets come from: the EMA copy, the student run with the EMA adapter, or the student."""
         if self.target_net is not None:
             return self.target_net
+        if self.folded:
+            return self._folded_target()
         return self.target_adapter.module() if self.target_adapter is not None else self.teacher.model
+
+    def _folded_target(self) -> FoldedLora:
+        """lora_forward=folded: the target network folded. With a side thread it is the side copy, since the
+        student's own folded pass switches the student's adapter off meanwhile: folded with its own adapter
+        (the EMA, when it holds one) or with the student's live tensors (read here, on the main thread)."""
+        if self.side_net is not None:
+            side = self.folded[id(self.side_net)]
+            if self.target_adapter is not None:
+                return side
+            return side.using({name: p.detach() for name, p in self.student_net.named_parameters() if p.requires_grad})
+        student = self.folded[id(self.student_net)]
+        return student.using(self.target_adapter.shadow) if self.target_adapter is not None else student
 
     @torch.no_grad()
     def after_optimizer_step(self, model: torch.nn.Module) -> None:
