@@ -1,36 +1,26 @@
 """Time the parts of one LCM-LoRA step in this process: the whole step, the student's forward and backward,
-the teacher's guided solver step, the target pass with the adapter's branches and with the adapter merged.
+the teacher's guided solver step and the target pass, each LoRA pass run both ways (``--lora_forward``):
+through peft's adapter branches and with each adapter folded into its base weight.
 
     python eval/lcm_step_parts_probe.py --threads 1 --batch 16    # one process of a 2-process CPU run
     python eval/lcm_step_parts_probe.py --threads 2 --batch 32
 
-Why: the speed comparison with diffusers' reference script is decided by these passes, and a merged
-(no-branch) target pass is the one saving left open; this shows how large it would be on your machine.
+Why: the speed comparison with diffusers' reference script is decided by these passes, and whether folding
+pays depends on the network's size and the thread count; this shows it on your machine.
 Nothing is written; medians of ``--repeats`` timed calls are printed in milliseconds.
 """
 from __future__ import annotations
 
 import argparse
-import copy
 
 import torch
 
 from stepdistill.config import parse_cli
 from stepdistill.evaluation.sampling_parts import median_ms
 from stepdistill.methods.common import load_teacher_and_data
+from stepdistill.methods.folded_lora import FoldedLora
 from stepdistill.methods.lcm import LCMConfig, LCMMethod
 from stepdistill.training.step_random import StepRandom
-
-
-def merged_copy(net: torch.nn.Module) -> torch.nn.Module:
-    """A copy of the LoRA network with every adapter merged into its base weights (peft's own merge)."""
-    from peft.tuners.lora import LoraLayer
-
-    merged = copy.deepcopy(net)
-    for module in merged.modules():
-        if isinstance(module, LoraLayer):
-            module.merge()
-    return merged
 
 
 def main() -> None:
@@ -46,7 +36,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cfg = parse_cli(LCMConfig, ["--config", "configs/lcm_lora_tiny_sd.yaml", "--pretrained_teacher_model", args.teacher,
                                 "--train_batch_size", str(args.batch), "--use_target_network", "false",
-                                "--overlap_teacher", "false", "--output_dir", "unused"])
+                                "--overlap_teacher", "false", "--lora_forward", "branched", "--output_dir", "unused"])
     teacher, data = load_teacher_and_data(cfg)
     method = LCMMethod(cfg, teacher, data)
     model = method.student_net
@@ -63,29 +53,31 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(10):  # move the adapter away from its zero initialisation, so merging changes the weights
+    for _ in range(10):  # move the adapter away from its zero initialisation, so folding changes the weights
         whole_step()
+    folded = FoldedLora(model)
 
-    def student_forward_backward() -> None:
-        method._student_output(model, x_t, t, embeds, {}).float().pow(2).mean().backward()
+    def student_forward_backward(net: torch.nn.Module) -> None:
+        consistency = method.teacher.with_model(net).predict(x_t, t, embeds).x0
+        consistency.float().pow(2).mean().backward()
         optimizer.zero_grad(set_to_none=True)
 
     @torch.no_grad()
     def teacher_step() -> None:
         method._teacher_solver_step(x_t, t, t_prev, embeds, w)
 
-    merged = merged_copy(model)
-
     @torch.no_grad()
     def target(net: torch.nn.Module) -> torch.Tensor:
         return teacher.with_model(net).predict(x_t, t_prev, embeds).x0
 
-    gap = (target(model) - target(merged)).abs().max().item()
-    print(f"{args.threads} thread(s), batch {args.batch}; merged vs branched target max |diff| {gap:.2e}")
-    for name, fn in [("whole step", whole_step), ("student forward + backward", student_forward_backward),
+    gap = (target(model) - target(folded)).abs().max().item()
+    print(f"{args.threads} thread(s), batch {args.batch}; folded vs branched target max |diff| {gap:.2e}")
+    for name, fn in [("whole step (branched)", whole_step),
+                     ("student forward + backward, branched", lambda: student_forward_backward(model)),
+                     ("student forward + backward, folded", lambda: student_forward_backward(folded)),
                      (f"teacher guided step (batch {2 * args.batch})", teacher_step),
-                     ("target pass, adapter branches", lambda: target(model)),
-                     ("target pass, adapter merged", lambda: target(merged))]:
+                     ("target pass, branched", lambda: target(model)),
+                     ("target pass, folded", lambda: target(folded))]:
         print(f"{name:36s} {median_ms(fn, args.repeats):8.1f} ms", flush=True)
 
 

@@ -43,7 +43,7 @@ class LCMConfig(FrozenPassOptions, AdversarialOptions, LoopConfig):
     use_lora: bool = True  # LCM-LoRA (True) or full-model LCM with a guidance embedding (False)
     lora_rank: int = 16  # LoRA rank
     lora_alpha: float = 16.0  # LoRA alpha (scale = alpha / rank)
-    lora_forward: Literal["branched", "folded"] = "branched"  # folded: each adapter folded into its base weight per training pass (faster on small networks on a CPU, slower on full-size ones; see README)
+    lora_forward: Literal["branched", "folded"] = "branched"  # LoRA training passes: folded runs each adapter folded into its base weight (faster on small networks on a CPU, slower on full-size ones; README); full students ignore it
     num_ddim_timesteps: int = 50  # N of the skipping grid, k = T / N
     w_min: float = 3.0  # guidance weight range sampled per example; teacher CFG scale is w + 1
     w_max: float = 3.0  # (LoRA students cannot see w, so keep the range narrow there)
@@ -69,12 +69,12 @@ class LCMConfig(FrozenPassOptions, AdversarialOptions, LoopConfig):
             raise ConfigError(f"w_min={self.w_min}, w_max={self.w_max}: need 0 <= w_min <= w_max")
         if self.use_lora and self.lora_rank < 1:
             raise ConfigError(f"lora_rank={self.lora_rank} must be at least 1")
-        if self.lora_forward == "folded":
-            clash = [name for name, on in (("use_lora=false", not self.use_lora), ("gradient_checkpointing=true", self.gradient_checkpointing),
+        if self.lora_forward == "folded" and self.use_lora:
+            clash = [name for name, on in (("gradient_checkpointing=true", self.gradient_checkpointing),
                                            ("torch_compile=true", self.torch_compile)) if on]
             if clash:
-                raise ConfigError(f"lora_forward=folded cannot be combined with {clash[0]} (a folded pass needs a LoRA "
-                                  "student, and recomputed or compiled passes would not see the folded weights); use lora_forward=branched")
+                raise ConfigError(f"lora_forward=folded cannot be combined with {clash[0]} (recomputed or compiled "
+                                  "passes would not see the folded weights); use lora_forward=branched")
         if self.snr_gamma is not None and not self.snr_gamma > 0:
             raise ConfigError(f"snr_gamma={self.snr_gamma} must be positive (or none for uniform weighting)")
         if not 1 <= self.num_ddim_timesteps <= 1000:
@@ -139,7 +139,7 @@ class LCMMethod(LatentMethodBase):
             self.target_adapter = AdapterEMA(self.student_net, cfg.ema_decay, holder=self.side_net)
         self.adversarial = AdversarialTerm(teacher, base, cfg, cfg.use_lora, cfg.seed) if cfg.adversarial_weight > 0 else None
         self.folded: dict[int, FoldedLora] = {}  # lora_forward=folded: each network's folded runner, by id
-        if cfg.lora_forward == "folded":
+        if cfg.lora_forward == "folded" and cfg.use_lora:
             for net in (self.student_net, self.side_net):
                 if net is not None:
                     self.folded[id(net)] = FoldedLora(net)
