@@ -104,3 +104,16 @@ def test_folded_lcm_options_that_clash_are_refused(overrides, match):
     with pytest.raises(ConfigError, match=f"lora_forward=folded cannot be combined {match}"):
         LCMConfig(lora_forward="folded", **overrides).validate()
     LCMConfig(lora_forward="folded", use_lora=False, **overrides).validate()  # a full student has nothing to fold
+
+
+def test_a_network_whose_weights_are_not_its_parameters_is_refused(lora_unet):
+    """FSDP and DeepSpeed keep flattened parameters and leave the layers plain tensor views: folding by name
+    would swap in nothing, so it is refused."""
+    from peft.tuners.lora import LoraLayer
+
+    base = next(m for m in lora_unet.modules() if isinstance(m, LoraLayer)).get_base_layer()
+    view = base.weight.detach()
+    del base.weight
+    base.weight = view
+    with pytest.raises(ConfigError, match=r"cannot run a UNet2DConditionModel \(no parameter .*base_layer.weight.*use lora_forward=branched"):
+        FoldedLora(lora_unet)

@@ -271,7 +271,7 @@ class LCMMethod(LatentMethodBase):
                        extra: dict[str, torch.Tensor], net: torch.nn.Module | None = None) -> torch.Tensor:
         """The target network's (``net``, by default :meth:`target_model`'s) consistency output at t_prev."""
         with self.cfg.frozen_autocast(x_prev.device):
-            target_pred = self.teacher.with_model(net or self.target_model()).predict(x_prev, t_prev, embeds, **extra)
+            target_pred = self.teacher.with_model(net if net is not None else self.target_model()).predict(x_prev, t_prev, embeds, **extra)
         return consistency_output(x_prev, target_pred, t_prev, self.cfg.timestep_scaling_factor)
 
     def target_model(self) -> torch.nn.Module:
