@@ -68,6 +68,8 @@ class FoldedLora(torch.nn.Module):
         self.net, self.adapter = net, adapter
         self._layers = check_foldable(net)
         self._prefix = _inner(net)[1]
+        self._adapter_params = [p for _, layer in self._layers for part in (layer.lora_A, layer.lora_B)
+                                for p in part[ADAPTER].parameters()]  # looked up once, not per call
         names = {name for name, _ in net.named_parameters()}
         missing = [key for key in self._weight_names() if key not in names]
         if missing:  # FSDP and DeepSpeed keep their own (flattened) parameters: nothing to swap in by name
@@ -101,16 +103,14 @@ class FoldedLora(torch.nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         weights = self.folded_weights()
-        with _adapters_off(self._layers):
+        with _adapters_off(self._layers, self._adapter_params):
             return functional_call(self.net, weights, args, kwargs, strict=False, tie_weights=False)
 
 
 @contextmanager
-def _adapters_off(layers: list[tuple[str, Any]]) -> Iterator[None]:
-    """Switch the layers' adapters off, then back to what they were, ``requires_grad`` flags included (peft's
-    switch sets them, and a frozen copy must stay frozen)."""
-    params = [p for _, layer in layers for p in layer.lora_A[ADAPTER].parameters()] + \
-             [p for _, layer in layers for p in layer.lora_B[ADAPTER].parameters()]
+def _adapters_off(layers: list[tuple[str, Any]], params: list[torch.nn.Parameter]) -> Iterator[None]:
+    """Switch the layers' adapters off, then back to what they were, the adapter ``params``' ``requires_grad``
+    flags included (peft's switch sets them, and a frozen copy must stay frozen)."""
     wanted = [p.requires_grad for p in params]
     was_off = [layer.disable_adapters for _, layer in layers]
     for _, layer in layers:
