@@ -88,15 +88,17 @@ def measure_trainer(trainer: str, out: Path, batch: int, warmup: int, steps: int
 # --- sampling latency --------------------------------------------------------------------------------------
 def measure_sampling(teacher: str, students: list[str], steps: list[int], batch_sizes: list[int],
                      repeats: int = 5, max_sequence_length: int = 8, device: str = "cpu",
-                     dtype: str = "fp32") -> tuple[list[dict], list[dict]]:
+                     dtype: str = "fp32", compile_networks: bool = False) -> tuple[list[dict], list[dict]]:
     """Median latency per image (text encoding and VAE decode included) of the teacher (50 steps, CFG 4: DDIM,
     or Euler for a flow teacher) and each student at every step count and images-per-call batch size, with the
     speed-up over the teacher at the same batch size; and, per batch size, the call's parts timed alone with
-    the speed-up they imply."""
+    the speed-up they imply. ``compile_networks`` compiles every pipeline's denoiser and VAE decoder alike
+    (each timing's warm-up call compiles its shapes)."""
     from stepdistill.evaluation.generate import Generator, load_student, shared_noise, teacher_solver
     from stepdistill.evaluation.sampling_parts import predicted_speedup, sampling_parts_ms
     from stepdistill.teacher import WEIGHT_DTYPES, load_teacher
     from stepdistill.testbed import resolve_teacher_path
+    from stepdistill.training.accel import compile_for_sampling
 
     torch_dtype = WEIGHT_DTYPES[dtype]
     path = resolve_teacher_path(teacher)
@@ -109,6 +111,9 @@ def measure_sampling(teacher: str, students: list[str], steps: list[int], batch_
     generators = [(f"teacher {label}, CFG 4", Generator("teacher", wrapper.pipe, 4.0, call), [50])]
     for spec in students:
         generators.append((spec.split("=")[0], load_student(spec, path, call, device, torch_dtype), steps))  # LoRA students fused, as deployed
+    if compile_networks:
+        for _, generator, _ in generators:
+            compile_for_sampling(generator.pipe)  # the teacher's pipe is the wrapper's: the parts run compiled too
     rows, teacher_ms, parts_rows = [], {}, []
     for batch in batch_sizes:
         if students:  # no student, no speed-up to explain
@@ -354,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sampling_repeats", type=int, default=5, help="timed calls per sampling row (median)")
     parser.add_argument("--sampling_device", default="cpu", help="sampling part: cpu or cuda")
     parser.add_argument("--sampling_dtype", default="fp32", help="sampling part: weights in fp32, fp16 or bf16")
+    parser.add_argument("--sampling_compile", default="false", choices=["true", "false"],
+                        help="sampling part: torch.compile every pipeline's denoiser and VAE decoder (teacher and "
+                        "students alike); compiling takes minutes and is not timed")
     parser.add_argument("--max_sequence_length", type=int, default=8,
                         help="SD3-class teachers: zero-T5 tokens per prompt, as in the sweep (testbed DiT: 8)")
     parser.add_argument("--reference_script", help="diffusers' train_lcm_distill_lora_sd_wds.py (reference part)")
@@ -426,7 +434,8 @@ def sampling_part(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
     """Latency rows of the teacher and the students, and the parts of one call at every batch size."""
     rows, parts = measure_sampling(args.teacher, args.students, int_list(args.sampling_steps, "--sampling_steps"),
                                    int_list(args.sampling_batch_sizes, "--sampling_batch_sizes"), args.sampling_repeats,
-                                   args.max_sequence_length, args.sampling_device, args.sampling_dtype)
+                                   args.max_sequence_length, args.sampling_device, args.sampling_dtype,
+                                   args.sampling_compile == "true")
     for row in rows:
         print(f"{row['model']:24s} {row['steps']:3d} steps  {row['images_per_call']:3d} per call  "
               f"{row['latency_ms']:8.1f} ms/image  {row['speedup_vs_teacher']:5.1f}x", flush=True)
@@ -471,6 +480,8 @@ def main() -> None:
         report["training"] = training_part(args, out)
     if "sampling" in parts:
         report["sampling"], report["sampling_parts"] = sampling_part(args)
+        report["sampling_options"] = {"device": args.sampling_device, "dtype": args.sampling_dtype,
+                                      "compile": args.sampling_compile == "true"}
     if "reference" in parts:
         report["reference"] = reference_part(args, out)
     (out / "bench_speed.json").write_text(json.dumps(report, indent=2))

@@ -123,3 +123,36 @@ def test_compiled_lora_network_matches_eager_with_the_adapter_on_and_off(random_
     for _ in range(2):  # second round: cached graphs, re-entered in a different order
         for got, want in zip(three_modes(), eager):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_sampling_compile_keeps_the_pipeline_output_at_every_batch_size(random_teachers):
+    """The sampling benchmark's ``--sampling_compile`` compiles each pipeline's denoiser and VAE decoder in
+    place: a pipeline call must give the eager images at each images-per-call size (each its own graph), and
+    the recompile limit must be raised so that a long benchmark does not fall back to eager unnoticed."""
+    from stepdistill.teacher import load_teacher
+    from stepdistill.testbed.tiny_models import LATENT_CHANNELS, LATENT_SIZE
+    from stepdistill.training.accel import SAMPLING_RECOMPILE_LIMIT, compile_for_sampling
+
+    pipe = load_teacher(random_teachers / "sd").pipe  # a fresh copy: compiling is in place
+
+    def images(batch: int) -> torch.Tensor:
+        latents = torch.randn(batch, LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE, generator=torch.Generator().manual_seed(batch))
+        return pipe(["red apple"] * batch, num_inference_steps=2, guidance_scale=4.0, latents=latents,
+                    output_type="pt").images
+
+    eager = {batch: images(batch) for batch in (1, 3)}
+    compile_for_sampling(pipe, backend="aot_eager")  # dynamo's graphs and guards are under test, not inductor's C++
+    assert pipe.unet._compiled_call_impl is not None and pipe.vae.decoder._compiled_call_impl is not None
+    assert torch._dynamo.config.recompile_limit >= SAMPLING_RECOMPILE_LIMIT
+    for batch in (1, 3, 1):
+        torch.testing.assert_close(images(batch), eager[batch], rtol=1e-4, atol=1e-4)
+
+
+def test_sampling_compile_without_a_compiler_is_a_clear_error(monkeypatch):
+    from stepdistill.errors import ConfigError
+    from stepdistill.training import accel
+
+    monkeypatch.setattr(accel.shutil, "which", lambda name: None)
+    monkeypatch.setattr(accel.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"--sampling_compile true on a CPU needs a C\+\+ compiler"):
+        accel.compile_for_sampling(object())

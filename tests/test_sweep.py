@@ -138,7 +138,9 @@ def test_speed_report_tables_and_plot(tmp_path):
     plot = Image.open(tmp_path / "speed.png")
     assert plot.size[0] > 3 * plot.size[1] / 2 and len(np.unique(np.asarray(plot.convert("L")))) > 10  # three panels, drawn
     only_sampling = {"sampling": report["sampling"]}
-    assert "images/s" not in speed_markdown(only_sampling)
+    assert "images/s" not in speed_markdown(only_sampling) and "(eager)" in speed_markdown(only_sampling)
+    compiled = {**only_sampling, "sampling_options": {"device": "cpu", "dtype": "fp32", "compile": True}}
+    assert "Sampling (device cpu, dtype fp32; denoisers and VAE decoders compiled" in speed_markdown(compiled)
     write_speed_plot(only_sampling, tmp_path / "one.png")
     assert Image.open(tmp_path / "one.png").size[0] < plot.size[0]
     with pytest.raises(ValueError, match="no measured part"):

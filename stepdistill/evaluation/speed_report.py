@@ -36,7 +36,11 @@ def speed_markdown(report: dict[str, Any]) -> str:
                          f"{split} | {row['peak_rss_mib']:.0f} | {_mib(row.get('peak_gpu_mib'))} |")
         parts.append("\n".join(lines))
     if report.get("sampling"):
-        lines = ["| model | steps | images per call | ms/image | speed-up over the teacher |", "|---|---|---|---|---|"]
+        options = report.get("sampling_options", {})
+        setting = ", ".join(f"{k} {v}" for k, v in options.items() if k != "compile")
+        compiled = "denoisers and VAE decoders compiled with torch.compile" if options.get("compile") else "eager"
+        lines = [f"Sampling ({setting + '; ' if setting else ''}{compiled}):", "",
+                 "| model | steps | images per call | ms/image | speed-up over the teacher |", "|---|---|---|---|---|"]
         for row in report["sampling"]:
             lines.append(f"| {row['model']} | {row['steps']} | {row['images_per_call']} | {row['latency_ms']:.1f} | "
                          f"{row['speedup_vs_teacher']:.1f}x |")
