@@ -21,7 +21,7 @@ NUM = 64
 def test_short_ladd_run_separates_real_from_student_and_improves_the_one_step_student(tmp_path):
     cfg = LADDConfig(pretrained_teacher_model="tiny-sd", output_dir=str(tmp_path / "run"), student_steps=[1], lora_rank=16,
                      lora_alpha=16.0, synthetic_steps=10, adversarial_weight=0.2, distill_weight=1.0, disc_hidden=32, disc_learning_rate=5e-4,
-                     max_train_steps=100, train_batch_size=16, learning_rate=1e-4, lr_warmup_steps=0, report_to="none",
+                     max_train_steps=70, train_batch_size=16, learning_rate=1.5e-4, lr_warmup_steps=0, report_to="none",
                      validation_steps=0, checkpointing_steps=1000)
     cfg.validate()
     teacher = load_teacher(shipped_teacher_path("tiny-sd"))
@@ -49,9 +49,9 @@ def test_short_ladd_run_separates_real_from_student_and_improves_the_one_step_st
     real_scores = method.adversarial.scores(method.synthetic[0], embeds, rand)
     fake_scores = method.adversarial.scores(student_latents, embeds, StepRandom(0, 10_000, 0, 1, NUM, torch.device("cpu")))
     paired = (real_scores > fake_scores).float().mean().item()  # same re-noising level and noise per pair
-    # measured: 80% of pairs, d_real 0.008 > d_fake -0.0004
+    # measured: 86% of pairs, d_real 0.008 > d_fake 0.004
     assert paired > 0.7 and logs["d_real"] > logs["d_fake"], (paired, logs)
     # ... and the student's 1-step images move toward the data: closer to their prompt's real image in evaluator
-    # features and more often recognised as the prompted emoji (measured: 24.8 -> 23.2, top-1 9.4% -> 17.2%)
+    # features and more often recognised as the prompted emoji (measured: 24.8 -> 23.1, top-1 9.4% -> 15.6%)
     assert after[0] < 0.97 * before[0], (before, after)
     assert after[1] > 1.4 * before[1], (before, after)

@@ -29,8 +29,8 @@ def fixed_batch_objective(method: LCMMethod, data) -> float:
 def test_short_lcm_lora_run_lowers_its_loss_and_beats_the_teachers_shipped_four_step_ddim(tmp_path):
     cfg = LCMConfig(pretrained_teacher_model="tiny-sd", output_dir=str(tmp_path / "run"), use_lora=True, lora_rank=16,
                     lora_alpha=16.0, loss_type="l2", snr_gamma=5.0, use_target_network=True, w_min=3.0, w_max=3.0,
-                    max_train_steps=200, train_batch_size=32, learning_rate=3e-5, lr_warmup_steps=0, report_to="none",
-                    validation_steps=0, checkpointing_steps=1000)
+                    max_train_steps=100, train_batch_size=32, learning_rate=8e-5, lr_warmup_steps=0, report_to="none",
+                    validation_steps=0, checkpointing_steps=1000, lora_forward="folded")  # the shipped config's pass
     cfg.validate()
     teacher = load_teacher(shipped_teacher_path("tiny-sd"))
     data = load_emoji32()
@@ -51,7 +51,8 @@ def test_short_lcm_lora_run_lowers_its_loss_and_beats_the_teachers_shipped_four_
     after = decode(teacher, method.sample(method.student_net, prompts, 4, noise, guidance_scale=GUIDANCE))
     objective_after = fixed_batch_objective(method, data)
     mse = lambda images: ((images - reference) ** 2).mean().item()  # noqa: E731
-    # measured: teacher's shipped DDIM-4 0.161, student before 0.176, after 200 steps 0.146; objective -7.6%
+    # measured (100 steps at lr 8e-5; 200 at the config's 3e-5 end alike, 0.91x and 0.83x): after/own DDIM-4
+    # 0.916, after/before 0.840, objective -8.1%
     assert mse(after) < 0.95 * mse(own_four), (mse(after), mse(own_four))
     assert mse(after) < 0.9 * mse(before), (mse(after), mse(before))
     assert objective_after < 0.96 * objective_before, (objective_after, objective_before)
