@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import shutil
+from typing import TYPE_CHECKING
 
 import torch
 
 from stepdistill.errors import ConfigError
 
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
-def enable_xformers(pipe) -> None:
+
+def enable_xformers(pipe: DiffusionPipeline) -> None:
     """xformers memory-efficient attention; every xformers op needs CUDA, so refuse clearly without it."""
     if not torch.cuda.is_available():
         raise ConfigError("enable_xformers_memory_efficient_attention=true needs a CUDA GPU; this machine has none "
@@ -45,14 +49,15 @@ def speed_up_networks(networks: list[torch.nn.Module], compile_networks: bool, c
 SAMPLING_RECOMPILE_LIMIT = 64
 
 
-def compile_for_sampling(pipe, backend: str = "inductor") -> None:
+def compile_for_sampling(pipe: DiffusionPipeline, backend: str = "inductor") -> None:
     """Compile a pipeline's denoiser and VAE decoder in place (inductor, static shapes), as users deploy a
     few-step model for latency: it removes the per-call Python overhead that dominates a small network at one
     image per call. The first call at each shape compiles (seconds to minutes); time only after it."""
     if backend == "inductor":
         require_compiler("--sampling_compile true")
-    limit = max(torch._dynamo.config.recompile_limit, SAMPLING_RECOMPILE_LIMIT)
-    torch._dynamo.config.recompile_limit = limit
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), SAMPLING_RECOMPILE_LIMIT))
     denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
     for net in (denoiser, pipe.vae.decoder):
         net.compile(dynamic=False, backend=backend)
