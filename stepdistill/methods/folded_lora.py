@@ -70,14 +70,14 @@ class FoldedLora(torch.nn.Module):
         self._prefix = _inner(net)[1]
         self._adapter_params = [p for _, layer in self._layers for part in (layer.lora_A, layer.lora_B)
                                 for p in part[ADAPTER].parameters()]  # looked up once, not per call
+        # per layer, looked up once: the folded weight's name and the names an ``adapter`` mapping uses
+        self._keys = [(f"{self._prefix}{name}.base_layer.weight", f"{name}.lora_A.{ADAPTER}.weight",
+                       f"{name}.lora_B.{ADAPTER}.weight") for name, _ in self._layers]
         names = {name for name, _ in net.named_parameters()}
-        missing = [key for key in self._weight_names() if key not in names]
+        missing = [key for key, _, _ in self._keys if key not in names]
         if missing:  # FSDP and DeepSpeed keep their own (flattened) parameters: nothing to swap in by name
             raise ConfigError(f"lora_forward=folded cannot run a {type(net).__name__} (no parameter {missing[0]!r}); "
                               "it runs plain and DDP networks: use lora_forward=branched")
-
-    def _weight_names(self) -> list[str]:
-        return [f"{self._prefix}{name}.base_layer.weight" for name, _ in self._layers]
 
     def using(self, adapter: Mapping[str, torch.Tensor] | None) -> FoldedLora:
         """The same network folded with other A and B tensors (the layers are not looked up again)."""
@@ -93,10 +93,10 @@ class FoldedLora(torch.nn.Module):
         """``name.base_layer.weight -> W + scale * B @ A`` for every LoRA layer (a rank-r product per layer)."""
         source = self.adapter or {}
         weights = {}
-        for key, (name, layer) in zip(self._weight_names(), self._layers):
+        for (key, a_key, b_key), (_, layer) in zip(self._keys, self._layers):
             base = layer.get_base_layer().weight
-            a = source.get(f"{name}.lora_A.{ADAPTER}.weight", layer.lora_A[ADAPTER].weight)
-            b = source.get(f"{name}.lora_B.{ADAPTER}.weight", layer.lora_B[ADAPTER].weight)
+            a = source.get(a_key, layer.lora_A[ADAPTER].weight)
+            b = source.get(b_key, layer.lora_B[ADAPTER].weight)
             # B is (out, r[, 1, 1]), A is (r, in[, kh, kw]): the product is the conv or linear weight's shape
             weights[key] = base + (b.flatten(1) @ a.flatten(1)).view_as(base) * layer.scaling[ADAPTER]
         return weights
