@@ -88,12 +88,15 @@ def measure_trainer(trainer: str, out: Path, batch: int, warmup: int, steps: int
 # --- sampling latency --------------------------------------------------------------------------------------
 def measure_sampling(teacher: str, students: list[str], steps: list[int], batch_sizes: list[int],
                      repeats: int = 5, max_sequence_length: int = 8, device: str = "cpu",
-                     dtype: str = "fp32", compile_networks: bool = False) -> tuple[list[dict], list[dict]]:
+                     dtype: str = "fp32", compile_networks: bool = False,
+                     decoder: str | None = None) -> tuple[list[dict], list[dict]]:
     """Median latency per image (text encoding and VAE decode included) of the teacher (50 steps, CFG 4: DDIM,
     or Euler for a flow teacher) and each student at every step count and images-per-call batch size, with the
     speed-up over the teacher at the same batch size; and, per batch size, the call's parts timed alone with
     the speed-up they imply. ``compile_networks`` compiles every pipeline's denoiser and VAE decoder alike
-    (each timing's warm-up call compiles its shapes)."""
+    (each timing's warm-up call compiles its shapes). ``decoder``, an autoencoder folder, replaces every
+    pipeline's VAE for decoding (teacher and students alike; the parts' decode too)."""
+    from stepdistill.evaluation.decoder_swap import load_decoder, use_decoder
     from stepdistill.evaluation.generate import Generator, load_student, shared_noise, teacher_solver
     from stepdistill.evaluation.sampling_parts import predicted_speedup, sampling_parts_ms
     from stepdistill.teacher import WEIGHT_DTYPES, load_teacher
@@ -111,6 +114,8 @@ def measure_sampling(teacher: str, students: list[str], steps: list[int], batch_
     generators = [(f"teacher {label}, CFG 4", Generator("teacher", wrapper.pipe, 4.0, call), [50])]
     for spec in students:
         generators.append((spec.split("=")[0], load_student(spec, path, call, device, torch_dtype), steps))  # LoRA students fused, as deployed
+    if decoder:
+        use_decoder([generator.pipe for _, generator, _ in generators], load_decoder(decoder, device, torch_dtype))
     if compile_networks:
         for _, generator, _ in generators:
             compile_for_sampling(generator.pipe)  # the teacher's pipe is the wrapper's: the parts run compiled too
@@ -362,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sampling_compile", default="false", choices=["true", "false"],
                         help="sampling part: torch.compile every pipeline's denoiser and VAE decoder (teacher and "
                         "students alike); compiling takes minutes and is not timed")
+    parser.add_argument("--sampling_decoder", help="sampling part: an AutoencoderKL or AutoencoderTiny folder that every "
+                        "pipeline decodes with instead of its own VAE (teacher and students alike), e.g. a TAESD")
     parser.add_argument("--max_sequence_length", type=int, default=8,
                         help="SD3-class teachers: zero-T5 tokens per prompt, as in the sweep (testbed DiT: 8)")
     parser.add_argument("--reference_script", help="diffusers' train_lcm_distill_lora_sd_wds.py (reference part)")
@@ -396,6 +403,14 @@ def check_args(args: argparse.Namespace, parts: set[str]) -> None:
             sys.exit("error: --sampling_device 'cuda' needs a CUDA GPU; torch.cuda.is_available() is False here")
     if args.sampling_dtype not in ("fp32", "fp16", "bf16"):
         sys.exit(f"error: --sampling_dtype {args.sampling_dtype!r} is not known; allowed: fp32, fp16, bf16")
+    if args.sampling_decoder and "sampling" in parts:
+        from stepdistill.errors import StepdistillError
+        from stepdistill.evaluation.decoder_swap import decoder_class
+
+        try:
+            decoder_class(args.sampling_decoder)
+        except StepdistillError as err:
+            sys.exit(f"error: --sampling_decoder: {err}")
     if args.reference_pairs < 1:
         sys.exit(f"error: --reference_pairs {str(args.reference_pairs)!r} must be a positive integer")
     for option in ("reference_processes", "stepdistill_processes"):
@@ -432,10 +447,15 @@ def training_part(args: argparse.Namespace, out: Path) -> list[dict]:
 
 def sampling_part(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
     """Latency rows of the teacher and the students, and the parts of one call at every batch size."""
-    rows, parts = measure_sampling(args.teacher, args.students, int_list(args.sampling_steps, "--sampling_steps"),
-                                   int_list(args.sampling_batch_sizes, "--sampling_batch_sizes"), args.sampling_repeats,
-                                   args.max_sequence_length, args.sampling_device, args.sampling_dtype,
-                                   args.sampling_compile == "true")
+    from stepdistill.errors import StepdistillError
+
+    try:
+        rows, parts = measure_sampling(args.teacher, args.students, int_list(args.sampling_steps, "--sampling_steps"),
+                                       int_list(args.sampling_batch_sizes, "--sampling_batch_sizes"), args.sampling_repeats,
+                                       args.max_sequence_length, args.sampling_device, args.sampling_dtype,
+                                       args.sampling_compile == "true", args.sampling_decoder)
+    except StepdistillError as err:  # a student or decoder that does not fit the teacher
+        sys.exit(f"error: {err}")
     for row in rows:
         print(f"{row['model']:24s} {row['steps']:3d} steps  {row['images_per_call']:3d} per call  "
               f"{row['latency_ms']:8.1f} ms/image  {row['speedup_vs_teacher']:5.1f}x", flush=True)
@@ -482,6 +502,8 @@ def main() -> None:
         report["sampling"], report["sampling_parts"] = sampling_part(args)
         report["sampling_options"] = {"device": args.sampling_device, "dtype": args.sampling_dtype,
                                       "compile": args.sampling_compile == "true"}
+        if args.sampling_decoder:
+            report["sampling_options"]["decoder"] = args.sampling_decoder
     if "reference" in parts:
         report["reference"] = reference_part(args, out)
     (out / "bench_speed.json").write_text(json.dumps(report, indent=2))

@@ -8,7 +8,8 @@
 # (default /tmp/stepdistill_gpu), then runs the parts PARTS names (default "training sampling reference"):
 #   training   LCM-LoRA step time and peak GPU memory at batch 8 on 64x64 latents (512 px images) with fp32,
 #              bf16 and fp16 mixed precision, and bf16 with xformers when xformers imports;
-#   sampling   the latency of the 50-step CFG teacher against a 4-step call, in fp16;
+#   sampling   the latency of the 50-step CFG teacher against a 4-step call, in fp16, decoding with SD1.5's
+#              VAE and again with a TAESD-architecture AutoencoderTiny (both random weights);
 #   reference  LCM-LoRA against diffusers' reference script on the same teacher, batch 8, 512 px, fp16,
 #              REFERENCE_PAIRS (default 2) back-to-back pairs of REFERENCE_STEPS (default 60) timed steps; only
 #              when REFERENCE_SCRIPT names train_lcm_distill_lora_sd_wds.py (it needs webdataset and braceexpand).
@@ -29,6 +30,7 @@ cd "$root"
 "$py" -c "import sys, torch; torch.cuda.is_available() or sys.exit('error: eval/gpu_check.sh needs a CUDA GPU; torch.cuda.is_available() is False')"
 mkdir -p "$out" "$work"
 [ -d "$work/sd15_random" ] || "$py" -m stepdistill.testbed.full_size --output_dir "$work/sd15_random" --dtype fp16
+[ -d "$work/taesd_random" ] || "$py" -m stepdistill.testbed.full_size --tiny_decoder_dir "$work/taesd_random" --dtype fp16
 # 64 captioned emoji, upscaled to 512 px by the trainer: step time does not depend on how many are cached
 "$py" - "$work/emoji64.npz" <<'EOF'
 import sys
@@ -64,13 +66,20 @@ if [[ $parts == *" training "* ]]; then
     fi
 fi
 # Sampling latency on the GPU in fp16: the 50-step CFG teacher against a 4-step call of the same architecture
-# without CFG (what any 4-step student of this UNet costs), at 1 and 8 images per call, with the parts.
-if [[ $parts == *" sampling "* ]]; then
-    echo "## Sampling, fp16: DDIM-50 with CFG 4 against 4 steps without CFG (same UNet)" >> "$summary"
+# without CFG (what any 4-step student of this UNet costs), at 1 and 8 images per call, with the parts; then the
+# same with both decoding through a TAESD-architecture decoder, since SD1.5's VAE decode is a fixed cost of both.
+sampling() {  # sampling NAME [BENCHMARK_OPTIONS...]
+    local name=$1; shift
+    echo "## Sampling, fp16: DDIM-50 with CFG 4 against 4 steps without CFG (same UNet), $name decoder" >> "$summary"
     "$py" eval/benchmark_speed.py --parts sampling --teacher "$work/sd15_random" --students "4-step=$work/sd15_random" \
-        --sampling_steps 4 --sampling_batch_sizes 1,8 --sampling_device cuda --sampling_dtype fp16 --output_dir "$work/bench_sampling"
-    cat "$work/bench_sampling/bench_speed.md" >> "$summary"
-    cp "$work/bench_sampling/bench_speed.json" "$out/sampling.json"
+        --sampling_steps 4 --sampling_batch_sizes 1,8 --sampling_device cuda --sampling_dtype fp16 \
+        --output_dir "$work/bench_sampling_$name" "$@"
+    cat "$work/bench_sampling_$name/bench_speed.md" >> "$summary"
+    cp "$work/bench_sampling_$name/bench_speed.json" "$out/sampling_$name.json"
+}
+if [[ $parts == *" sampling "* ]]; then
+    sampling sd15_vae
+    sampling taesd --sampling_decoder "$work/taesd_random"
 fi
 # Both scripts on the same teacher, batch, resolution and precision, timed from their tqdm progress; GPU memory
 # from nvidia-smi for each script's process tree. Ours caches 64 images instead of 1,388 before its first step

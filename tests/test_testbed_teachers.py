@@ -130,6 +130,24 @@ def test_full_size_pipeline_folder_is_written_whole_and_never_over_another(tmp_p
     assert not (tmp_path / "other").exists()
 
 
+def test_full_size_tiny_decoder_is_taesds_architecture_and_is_written_alone(tmp_path, capsys):
+    """``--tiny_decoder_dir`` writes the TAESD-architecture decoder the sampling benchmark can time SD1.5 with;
+    it needs no pipeline, and a command that writes nothing, or over a folder, is refused in one line."""
+    from stepdistill.evaluation.decoder_swap import load_decoder, upsampling_factor
+    from stepdistill.testbed import full_size
+
+    assert full_size.main(["--tiny_decoder_dir", str(tmp_path / "taesd")]) == 0
+    decoder = load_decoder(tmp_path / "taesd")
+    assert type(decoder).__name__ == "AutoencoderTiny" and upsampling_factor(decoder) == 8
+    assert sum(p.numel() for p in decoder.decoder.parameters()) == 1_222_531  # TAESD's decoder
+    assert not (tmp_path / "sd15").exists() and not list(tmp_path.glob(".tmp-*"))
+    assert full_size.main(["--tiny_decoder_dir", str(tmp_path / "taesd"), "--output_dir", str(tmp_path / "sd15")]) == 2
+    assert "tiny_decoder_dir=" in capsys.readouterr().err and not (tmp_path / "sd15").exists()
+    assert full_size.main([]) == 2
+    assert capsys.readouterr().err.strip() == ("error: nothing to write: give --output_dir (the pipeline), "
+                                               "--tiny_decoder_dir (the decoder) or both")
+
+
 def test_dataset_encoding_chunks_shrink_with_the_resolution():
     """64 images of 512 px in one VAE call took 24 GB on the CPU (killed); the testbed keeps its 64."""
     from types import SimpleNamespace

@@ -4,8 +4,10 @@ Nothing can be downloaded on these machines, but a training step's time and memo
 shapes, not on its weights. So the GPU checks build SD1.5's published architecture offline: the UNet
 (860M parameters, 64x64x4 latents), the CLIP ViT-L/14 text encoder (123M) and the KL-f8 VAE (84M), with
 the testbed's caption tokenizer padded to CLIP's 77 tokens. Its images are noise; only its speed is real.
+``--tiny_decoder_dir`` also writes a random-weight ``AutoencoderTiny`` of TAESD's architecture (diffusers'
+defaults), the tiny decoder many users pair with few-step SD1.5 students, to time sampling with it.
 
-    python -m stepdistill.testbed.full_size --output_dir runs/sd15_random --dtype fp16
+    python -m stepdistill.testbed.full_size --output_dir runs/sd15_random --dtype fp16 --tiny_decoder_dir runs/taesd_random
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, AutoencoderTiny, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from stepdistill.errors import ConfigError, cli_errors
@@ -75,31 +77,62 @@ def build_sd15_random_pipeline(seed: int = 0) -> StableDiffusionPipeline:
         requires_safety_checker=False)
 
 
-def save_sd15_random_pipeline(output_dir: str | Path, dtype: str = "fp16", seed: int = 0) -> Path:
-    """Write the pipeline with ``save_pretrained`` (safetensors); an existing non-empty folder is refused."""
-    if dtype not in WEIGHT_DTYPES:
-        raise ConfigError(f"dtype={dtype!r} is not known; allowed: {', '.join(WEIGHT_DTYPES)}")
-    out = Path(output_dir)
+def _check_new_folder(option: str, out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"output_dir={str(out)!r} already exists and is not an empty folder; give a new one")
-    pipe = build_sd15_random_pipeline(seed)
-    partial = out.with_name(f".tmp-{out.name}")  # the folder appears only once complete
+        raise ConfigError(f"{option}={str(out)!r} already exists and is not an empty folder; give a new one")
+
+
+def _save_atomically(model: StableDiffusionPipeline | AutoencoderTiny, out: Path, dtype: str) -> None:
+    """``save_pretrained`` (safetensors) into a hidden folder renamed at the end: it appears only once complete."""
+    partial = out.with_name(f".tmp-{out.name}")
     if partial.exists():  # left by a killed run
         shutil.rmtree(partial)
-    pipe.to(WEIGHT_DTYPES[dtype]).save_pretrained(partial, safe_serialization=True)
+    model.to(WEIGHT_DTYPES[dtype]).save_pretrained(partial, safe_serialization=True)
     partial.rename(out)
+
+
+def _check_dtype(dtype: str) -> None:
+    if dtype not in WEIGHT_DTYPES:
+        raise ConfigError(f"dtype={dtype!r} is not known; allowed: {', '.join(WEIGHT_DTYPES)}")
+
+
+def save_sd15_random_pipeline(output_dir: str | Path, dtype: str = "fp16", seed: int = 0) -> Path:
+    """Write the pipeline with ``save_pretrained``; an existing non-empty folder is refused."""
+    _check_dtype(dtype)
+    out = Path(output_dir)
+    _check_new_folder("output_dir", out)
+    _save_atomically(build_sd15_random_pipeline(seed), out, dtype)
+    return out
+
+
+def save_tiny_decoder(output_dir: str | Path, dtype: str = "fp16", seed: int = 0) -> Path:
+    """Write a random-weight ``AutoencoderTiny`` with diffusers' defaults, which are TAESD's architecture."""
+    _check_dtype(dtype)
+    out = Path(output_dir)
+    _check_new_folder("tiny_decoder_dir", out)
+    torch.manual_seed(seed)
+    _save_atomically(AutoencoderTiny(), out, dtype)
     return out
 
 
 @cli_errors
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output_dir", required=True, help="a new folder for the pipeline")
+    parser.add_argument("--output_dir", help="a new folder for the pipeline")
+    parser.add_argument("--tiny_decoder_dir", help="a new folder for a random-weight TAESD-architecture AutoencoderTiny")
     parser.add_argument("--dtype", default="fp16", help="weights on disk: fp16 (2.1 GB), bf16 or fp32 (4.3 GB)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    out = save_sd15_random_pipeline(args.output_dir, args.dtype, args.seed)
-    print(f"saved a random-weight SD1.5-architecture pipeline to {out}")
+    if not (args.output_dir or args.tiny_decoder_dir):
+        raise ConfigError("nothing to write: give --output_dir (the pipeline), --tiny_decoder_dir (the decoder) or both")
+    for option in ("output_dir", "tiny_decoder_dir"):  # every refusal before the minutes of building
+        if getattr(args, option):
+            _check_new_folder(option, Path(getattr(args, option)))
+    _check_dtype(args.dtype)
+    if args.output_dir:
+        print(f"saved a random-weight SD1.5-architecture pipeline to {save_sd15_random_pipeline(args.output_dir, args.dtype, args.seed)}")
+    if args.tiny_decoder_dir:
+        print(f"saved a random-weight TAESD-architecture AutoencoderTiny to {save_tiny_decoder(args.tiny_decoder_dir, args.dtype, args.seed)}")
 
 
 if __name__ == "__main__":
