@@ -48,7 +48,7 @@ def _demo(args: argparse.Namespace) -> None:
         backend_class = _teacher_class(args.teacher)
         latest = find_latest_student(args.runs_dir, backend_class) if Path(args.runs_dir).is_dir() else None
         students = [str(latest)] if latest else []
-    backend = DemoBackend(args.teacher, students, args.max_sequence_length)
+    backend = DemoBackend(args.teacher, students, args.max_sequence_length, args.decoder)
     print(f"demo: teacher {args.teacher}, students {[s.name for s in backend.students]}; http://{args.host}:{args.port}")
     launch(backend, args.host, args.port, args.max_queue)
 
@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=7860, help="port")
     demo.add_argument("--max_queue", type=int, default=64, help="requests waiting at most; more are refused")
     demo.add_argument("--max_sequence_length", type=int, default=8, help="SD3 zero-T5 tokens (testbed: 8)")
+    demo.add_argument("--decoder", help="an AutoencoderKL or AutoencoderTiny folder (e.g. a TAESD) that the teacher "
+                      "and every student decode with instead of the pipeline's VAE")
     demo.set_defaults(run=_demo)
     return parser
 

@@ -94,3 +94,20 @@ def test_benchmark_refuses_a_folder_that_is_no_decoder(tmp_path, content, messag
                            "--output_dir", str(out)], capture_output=True, text=True)
     assert done.returncode != 0 and not out.exists()
     assert done.stderr.strip().splitlines()[-1] == f"error: --sampling_decoder: decoder folder {str(folder)!r} {message}"
+
+
+def test_demo_decodes_teacher_and_students_with_the_given_decoder(tmp_path, capsys):
+    from stepdistill.cli import main
+    from stepdistill.demo.backend import DemoBackend
+
+    tiny_decoder().save_pretrained(tmp_path / "taesd", safe_serialization=True)
+    backend = DemoBackend("tiny-sd", [f"same={shipped_teacher_path('tiny-sd')}"], decoder=str(tmp_path / "taesd"))
+    assert backend.teacher.pipe.vae is backend.students[0].pipe.vae
+    assert type(backend.teacher.pipe.vae).__name__ == "AutoencoderTiny"
+    shots = backend.run("rocket", seed=1, teacher_steps=2, extra_steps=1)
+    assert [(s.model, s.steps) for s in shots][:2] == [("teacher (ddim)", 2), ("same", 1)]
+    assert {s.image.size for s in shots} == {(256, 256)}  # 32 px, shown 8x: the pipeline's own image size
+    tiny_decoder(levels=4).save_pretrained(tmp_path / "wide", safe_serialization=True)
+    assert main(["demo", "--student", str(shipped_teacher_path("tiny-sd")), "--decoder", str(tmp_path / "wide")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the loading bars: one line, no traceback
+    assert last.startswith("error: the decoder upsamples latents 8x; the pipeline's own VAE 4x")

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from stepdistill.errors import StepdistillError
+from stepdistill.evaluation.decoder_swap import load_decoder, use_decoder
 from stepdistill.evaluation.generate import STUDENT_META, Generator, load_student, teacher_solver
 from stepdistill.sampling import initial_noise
 from stepdistill.teacher import load_teacher
@@ -97,7 +98,8 @@ def _same_family(student_class: str, teacher_class: str) -> bool:
 class DemoBackend:
     """The teacher and its students, loaded once; ``run`` draws one prompt through all of them."""
 
-    def __init__(self, teacher: str = "tiny-sd", students: list[str] | None = None, max_sequence_length: int = 8):
+    def __init__(self, teacher: str = "tiny-sd", students: list[str] | None = None, max_sequence_length: int = 8,
+                 decoder: str | None = None):
         self.teacher_path = resolve_teacher_path(teacher)
         wrapper = load_teacher(self.teacher_path, max_sequence_length=max_sequence_length)
         self.call_kwargs = wrapper.pipeline_call_kwargs()
@@ -107,6 +109,8 @@ class DemoBackend:
         self.teacher = Generator(f"teacher ({self.solver})", wrapper.pipe, 4.0, self.call_kwargs)
         self.wrapper = wrapper
         self.students = [self._load_student(spec) for spec in students or []]
+        if decoder:  # e.g. a TAESD: the timings then show what a tiny decoder saves, for the teacher and students alike
+            use_decoder([self.teacher.pipe] + [s.pipe for s in self.students], load_decoder(decoder))
         self._lock = threading.Lock()  # pipelines keep scheduler state: one generation at a time
 
     def _load_student(self, spec: str) -> Generator:

@@ -45,7 +45,8 @@ def load_decoder(folder: str | Path, device: str = "cpu", dtype: torch.dtype = t
 
 
 def use_decoder(pipes: Iterable[DiffusionPipeline], vae: AutoencoderKL | AutoencoderTiny) -> None:
-    """Give every pipeline ``vae`` (shared, inference only) after checking it reads their latents."""
+    """Give every pipeline ``vae`` (shared, inference only) once it is checked to read all their latents."""
+    pipes = list(pipes)
     for pipe in pipes:
         channels = pipe.vae.config.latent_channels
         if vae.config.latent_channels != channels:
@@ -54,4 +55,5 @@ def use_decoder(pipes: Iterable[DiffusionPipeline], vae: AutoencoderKL | Autoenc
         if upsampling_factor(vae) != upsampling_factor(pipe.vae):
             raise ModelError(f"the decoder upsamples latents {upsampling_factor(vae)}x; the pipeline's own VAE "
                              f"{upsampling_factor(pipe.vae)}x, so its images would not be the pipeline's size")
+    for pipe in pipes:
         pipe.vae = vae
