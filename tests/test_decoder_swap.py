@@ -1,8 +1,6 @@
 """Sampling with another decoder than the pipeline's VAE (the benchmark's ``--sampling_decoder``)."""
 from __future__ import annotations
 
-import subprocess
-import sys
 from importlib.util import module_from_spec, spec_from_file_location
 from pathlib import Path
 
@@ -85,15 +83,18 @@ def test_benchmark_times_teacher_and_students_with_the_given_decoder(tmp_path, m
     ('{"_class_name": "UNet2DConditionModel"}', "holds a UNet2DConditionModel; allowed: AutoencoderKL, AutoencoderTiny"),
 ])
 def test_benchmark_refuses_a_folder_that_is_no_decoder(tmp_path, content, message):
+    """Checked with the other options, before the output folder is made (``main`` calls check_args first)."""
     folder = tmp_path / "dec"
     folder.mkdir()
     if content:
         (folder / "config.json").write_text(content)
-    out = tmp_path / "bench"
-    done = subprocess.run([sys.executable, str(BENCHMARK), "--parts", "sampling", "--sampling_decoder", str(folder),
-                           "--output_dir", str(out)], capture_output=True, text=True)
-    assert done.returncode != 0 and not out.exists()
-    assert done.stderr.strip().splitlines()[-1] == f"error: --sampling_decoder: decoder folder {str(folder)!r} {message}"
+    bench = load_benchmark()
+    args = bench.build_parser().parse_args(["--parts", "sampling", "--sampling_decoder", str(folder)])
+    with pytest.raises(SystemExit) as stopped:
+        bench.check_args(args, {"sampling"})
+    assert stopped.value.code == f"error: --sampling_decoder: decoder folder {str(folder)!r} {message}"
+    bench.check_args(bench.build_parser().parse_args(["--parts", "training", "--sampling_decoder", str(folder)]),
+                     {"training"})  # not used, not checked
 
 
 def test_demo_decodes_teacher_and_students_with_the_given_decoder(tmp_path, capsys):
