@@ -13,6 +13,7 @@ from diffusers import (DDIMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteS
 from method_runs import train_method
 from stepdistill.errors import ConfigError
 from stepdistill.methods.common import build_student
+from stepdistill.methods.folded_lora import FoldedLora
 from stepdistill.methods.ladd import LADDConfig, LADDMethod, resolve_student_prediction, student_timestep_set
 from stepdistill.solvers import uniform_call_sigmas
 from stepdistill.teacher import load_teacher
@@ -422,3 +423,37 @@ def test_two_process_run_with_the_loss_through_every_step_equals_one_process_run
     start = load_file(random_teachers / "sd" / "unet" / "diffusion_pytorch_model.safetensors")
     # over the whole network the runs must agree (measured: 1e-5 of the movement; one process at batch 2: 0.68)
     assert apart_over_moved(a, b, start) < 0.02
+
+
+@pytest.mark.parametrize("kind, overrides", [
+    ("sd", {}),
+    ("sd", dict(student_sampler="deterministic", deterministic_loss="final")),  # gradients through every student pass
+    ("sd3", {}),
+], ids=["unet", "unet-through-sampler", "dit"])
+def test_folded_lora_forward_trains_as_the_branched_one(random_teachers, tmp_path, kind, overrides):
+    """--lora_forward folded changes how the student's passes are computed, not what: the same run (the
+    discriminator reading the same network with its adapter off) ends on the same adapter, up to float-order
+    noise; a fold that dropped the adapter's scale or its gradient ends far apart."""
+    from safetensors.torch import load_file
+
+    from method_runs import apart_over_moved, build_method
+
+    options = dict(synthetic_steps=2, timestep_warmup_steps=2, disc_hidden=8, distill_weight=0.5, max_train_steps=4,
+                   learning_rate=1e-3, **overrides)
+    prefix = "unet." if kind == "sd" else "transformer."
+    start = {prefix + name.replace(".default", ""): p.detach().clone()
+             for name, p in build_method(LADDConfig, LADDMethod, random_teachers / kind, tmp_path / "start",
+                                         **options).student_net.named_parameters() if p.requires_grad}
+    runs = {}
+    for forward in ("branched", "folded"):
+        method = train(random_teachers / kind, tmp_path / forward, lora_forward=forward, **options)
+        runs[forward] = load_file(tmp_path / forward / "lora" / "pytorch_lora_weights.safetensors")
+        assert isinstance(method.student(method.student_net).model, FoldedLora) == (forward == "folded")
+    assert runs["branched"].keys() == start.keys()
+    assert apart_over_moved(runs["branched"], runs["folded"], start) < 0.02
+
+
+def test_folded_lora_forward_clashes_are_refused_for_ladd():
+    with pytest.raises(ConfigError, match="lora_forward=folded cannot be combined with gradient_checkpointing=true"):
+        LADDConfig(lora_forward="folded", gradient_checkpointing=True).validate()
+    LADDConfig(lora_forward="folded", use_lora=False, gradient_checkpointing=True).validate()  # nothing to fold

@@ -16,7 +16,8 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch.func import functional_call
@@ -24,6 +25,23 @@ from torch.func import functional_call
 from stepdistill.errors import ConfigError
 
 ADAPTER = "default"  # the adapter name diffusers' add_adapter gives
+
+
+@dataclass
+class LoraForwardOption:
+    """The option the LoRA trainers share (LCM-LoRA, LADD-LoRA)."""
+
+    lora_forward: Literal["branched", "folded"] = "branched"  # LoRA training passes: folded runs each adapter folded into its base weight (faster on small networks on a CPU, slower on full-size ones; README); full students ignore it
+
+    def validate_lora_forward(self) -> None:
+        """Folding needs every pass to run through the folded weights, which recomputation and compiling bypass."""
+        if self.lora_forward != "folded" or not getattr(self, "use_lora", False):
+            return
+        clash = [name for name, on in (("gradient_checkpointing=true", getattr(self, "gradient_checkpointing", False)),
+                                       ("torch_compile=true", getattr(self, "torch_compile", False))) if on]
+        if clash:
+            raise ConfigError(f"lora_forward=folded cannot be combined with {clash[0]} (recomputed or compiled "
+                              "passes would not see the folded weights); use lora_forward=branched")
 
 
 def _inner(net: torch.nn.Module) -> tuple[torch.nn.Module, str]:
@@ -105,6 +123,14 @@ class FoldedLora(torch.nn.Module):
         weights = self.folded_weights()
         with _adapters_off(self._layers, self._adapter_params):
             return functional_call(self.net, weights, args, kwargs, strict=False, tie_weights=False)
+
+
+def folded_runner(runners: dict[int, FoldedLora], net: torch.nn.Module) -> FoldedLora:
+    """``net``'s folded runner from ``runners``, built on first use. The prepared model (maybe DDP-wrapped) is
+    folded as it is, so its gradient sync stays."""
+    if id(net) not in runners:
+        runners[id(net)] = FoldedLora(net)
+    return runners[id(net)]
 
 
 @contextmanager

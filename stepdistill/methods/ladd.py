@@ -22,6 +22,7 @@ from stepdistill.errors import ConfigError
 from stepdistill.methods.adversarial import AdversarialOptions, AdversarialTerm
 from stepdistill.methods.common import LatentMethodBase, LatentPromptData, build_student, write_validation
 from stepdistill.methods.export import STUDENT_META, read_student_meta, sampling_grid_meta, write_lora, write_model_card
+from stepdistill.methods.folded_lora import FoldedLora, LoraForwardOption, folded_runner
 from stepdistill.methods.synthetic import cached_teacher_latents
 from stepdistill.methods.target_adapter import AdapterEMA
 from stepdistill.schedule import NoiseSchedule
@@ -36,7 +37,7 @@ STUDENT_PREDICTIONS = ("auto", "epsilon", "sample", "v_prediction")
 
 
 @dataclass
-class LADDConfig(AdversarialOptions, LoopConfig):
+class LADDConfig(LoraForwardOption, AdversarialOptions, LoopConfig):
     """LADD options; loop, LoRA and data options are named as in the LCM trainer."""
 
     pretrained_teacher_model: str = "tiny-sd"  # shipped teacher name or diffusers pipeline folder
@@ -66,6 +67,7 @@ class LADDConfig(AdversarialOptions, LoopConfig):
 
     def validate(self) -> None:
         self.validate_adversarial()
+        self.validate_lora_forward()
         if not self.student_steps or any(not 1 <= s <= LCM_ORIGINAL_STEPS for s in self.student_steps):
             raise ConfigError(f"student_steps={self.student_steps} must be step counts in 1..{LCM_ORIGINAL_STEPS}")
         if self.use_lora and self.lora_rank < 1:
@@ -159,6 +161,9 @@ class LADDMethod(LatentMethodBase):
         base = teacher.model
         self.student_prediction = resolve_student_prediction(cfg, teacher)  # before loading: a bad value fails fast
         self.student_net = build_student(teacher, cfg, init_from=cfg.init_student_from)
+        self.folded: dict[int, FoldedLora] = {}  # lora_forward=folded: the student's folded runners, by network id
+        if cfg.lora_forward == "folded" and cfg.use_lora:
+            folded_runner(self.folded, self.student_net)  # a layer that cannot be folded is refused here, not mid-run
         self.guidance_dim = None if teacher.is_dit else self.student_net.config.time_cond_proj_dim
         self.student_guidance = init_student_guidance(cfg.init_student_from) if self.guidance_dim else 1.0
         # w is fixed for the whole run: embed it once, not on every forward pass
@@ -264,8 +269,9 @@ class LADDMethod(LatentMethodBase):
         return x
 
     def student(self, model: torch.nn.Module) -> TeacherWrapper:
-        """The student network behind the teacher's conversions, read as its own output type."""
-        return self.teacher.with_model(model, self.student_prediction)
+        """The student network behind the teacher's conversions, read as its own output type (its LoRA folded
+        into the weights with lora_forward=folded)."""
+        return self.teacher.with_model(folded_runner(self.folded, model) if self.folded else model, self.student_prediction)
 
     def w_kwargs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The guidance embedding a UNet student started from a guidance-distilled one keeps getting, at its w."""

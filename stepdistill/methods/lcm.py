@@ -22,7 +22,7 @@ from stepdistill.methods.adversarial import AdversarialOptions, AdversarialTerm
 from stepdistill.methods.common import (FrozenPassOptions, LatentMethodBase, LatentPromptData, adapters_disabled, build_student,
                                        write_validation)
 from stepdistill.methods.export import write_lora, write_model_card
-from stepdistill.methods.folded_lora import FoldedLora
+from stepdistill.methods.folded_lora import FoldedLora, LoraForwardOption, folded_runner
 from stepdistill.methods.target_adapter import AdapterEMA
 from stepdistill.solvers import (consistency_output, ddim_step, guidance_scale_embedding, lcm_inference_timesteps,
                                  lcm_skip_timesteps, sample_consistency)
@@ -34,7 +34,7 @@ from stepdistill.training.timing import timed
 
 
 @dataclass
-class LCMConfig(FrozenPassOptions, AdversarialOptions, LoopConfig):
+class LCMConfig(LoraForwardOption, FrozenPassOptions, AdversarialOptions, LoopConfig):
     """LCM / LCM-LoRA options; names follow diffusers' LCM distillation examples where they mean the same."""
 
     pretrained_teacher_model: str = "tiny-sd"  # shipped teacher name or diffusers pipeline folder
@@ -43,7 +43,6 @@ class LCMConfig(FrozenPassOptions, AdversarialOptions, LoopConfig):
     use_lora: bool = True  # LCM-LoRA (True) or full-model LCM with a guidance embedding (False)
     lora_rank: int = 16  # LoRA rank
     lora_alpha: float = 16.0  # LoRA alpha (scale = alpha / rank)
-    lora_forward: Literal["branched", "folded"] = "branched"  # LoRA training passes: folded runs each adapter folded into its base weight (faster on small networks on a CPU, slower on full-size ones; README); full students ignore it
     num_ddim_timesteps: int = 50  # N of the skipping grid, k = T / N
     w_min: float = 3.0  # guidance weight range sampled per example; teacher CFG scale is w + 1
     w_max: float = 3.0  # (LoRA students cannot see w, so keep the range narrow there)
@@ -69,12 +68,7 @@ class LCMConfig(FrozenPassOptions, AdversarialOptions, LoopConfig):
             raise ConfigError(f"w_min={self.w_min}, w_max={self.w_max}: need 0 <= w_min <= w_max")
         if self.use_lora and self.lora_rank < 1:
             raise ConfigError(f"lora_rank={self.lora_rank} must be at least 1")
-        if self.lora_forward == "folded" and self.use_lora:
-            clash = [name for name, on in (("gradient_checkpointing=true", self.gradient_checkpointing),
-                                           ("torch_compile=true", self.torch_compile)) if on]
-            if clash:
-                raise ConfigError(f"lora_forward=folded cannot be combined with {clash[0]} (recomputed or compiled "
-                                  "passes would not see the folded weights); use lora_forward=branched")
+        self.validate_lora_forward()
         if self.snr_gamma is not None and not self.snr_gamma > 0:
             raise ConfigError(f"snr_gamma={self.snr_gamma} must be positive (or none for uniform weighting)")
         if not 1 <= self.num_ddim_timesteps <= 1000:
@@ -207,10 +201,8 @@ class LCMMethod(LatentMethodBase):
     def _student_output(self, model: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, embeds: PromptEmbeds,
                         extra: dict[str, torch.Tensor]) -> torch.Tensor:
         """The student's consistency output (its x0 estimate) at t."""
-        if self.folded:  # the prepared model (maybe DDP-wrapped) is folded as it is, so the gradient sync stays
-            if id(model) not in self.folded:
-                self.folded[id(model)] = FoldedLora(model)
-            model = self.folded[id(model)]
+        if self.folded:
+            model = folded_runner(self.folded, model)
         raw = self.teacher.with_model(model).predict(x_t, t, embeds, **extra)
         return consistency_output(x_t, raw, t, self.cfg.timestep_scaling_factor)
 
