@@ -105,6 +105,7 @@ def test_demo_decodes_teacher_and_students_with_the_given_decoder(tmp_path, caps
     backend = DemoBackend("tiny-sd", [f"same={shipped_teacher_path('tiny-sd')}"], decoder=str(tmp_path / "taesd"))
     assert backend.teacher.pipe.vae is backend.students[0].pipe.vae
     assert type(backend.teacher.pipe.vae).__name__ == "AutoencoderTiny"
+    assert backend.decoder == "taesd"  # the page's heading names it
     shots = backend.run("rocket", seed=1, teacher_steps=2, extra_steps=1)
     assert [(s.model, s.steps) for s in shots][:2] == [("teacher (ddim)", 2), ("same", 1)]
     assert {s.image.size for s in shots} == {(256, 256)}  # 32 px, shown 8x: the pipeline's own image size

@@ -32,7 +32,8 @@ def build_app(backend: DemoBackend, max_queue: int = 64) -> gr.Blocks:
     """The page; generation also runs once on page load so the first view already shows images."""
     names = ", ".join(s.name for s in backend.students) or "none (pass --student)"
     with gr.Blocks(title="stepdistill: steps vs quality", analytics_enabled=False) as app:
-        gr.Markdown(f"## stepdistill · teacher `{backend.teacher_path.name}` vs students: {names}")
+        decoder = f" · all decode with `{backend.decoder}`" if backend.decoder else ""
+        gr.Markdown(f"## stepdistill · teacher `{backend.teacher_path.name}` vs students: {names}{decoder}")
         with gr.Row():
             prompt = gr.Textbox(value="hamster face", label="prompt", max_lines=1)
             seed = gr.Number(value=0, precision=0, label=f"seed (0 to {MAX_SEED})")

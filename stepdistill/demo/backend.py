@@ -109,6 +109,7 @@ class DemoBackend:
         self.teacher = Generator(f"teacher ({self.solver})", wrapper.pipe, 4.0, self.call_kwargs)
         self.wrapper = wrapper
         self.students = [self._load_student(spec) for spec in students or []]
+        self.decoder = Path(decoder).name if decoder else None  # shown on the page: the timings depend on it
         if decoder:  # e.g. a TAESD: the timings then show what a tiny decoder saves, for the teacher and students alike
             use_decoder([self.teacher.pipe] + [s.pipe for s in self.students], load_decoder(decoder))
         self._lock = threading.Lock()  # pipelines keep scheduler state: one generation at a time
