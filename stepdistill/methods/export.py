@@ -31,14 +31,17 @@ def sampling_grid_meta(teacher: TeacherWrapper) -> dict[str, Any]:
     return {SIGMA_GRID_KEY: "uniform"} if teacher.schedule.kind == "flow" else {}
 
 
-def replace_folder(final: Path, write: Callable[[Path], None]) -> Path:
-    """Let ``write`` fill a temporary sibling, then swap it into place: a crash never leaves half a folder."""
+EXPORT_KEPT = ("any earlier copy is kept; the run's checkpoints are too: free some space, then rerun with "
+               "--resume_from_checkpoint latest to write it again")
+
+
+def replace_folder(final: Path, write: Callable[[Path], None], kept: str = EXPORT_KEPT) -> Path:
+    """Let ``write`` fill a temporary sibling, then swap it into place: a crash never leaves half a folder.
+    ``kept`` is what the one-line disk-full error tells the user survives and what to do."""
     tmp = final.parent / f"{TMP_PREFIX}{final.name}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.parent.mkdir(parents=True, exist_ok=True)
-    kept = ("any earlier copy is kept; the run's checkpoints are too: free some space, then rerun with "
-            "--resume_from_checkpoint latest to write it again")
     with removed_unless_finished(tmp, repr(str(final)), kept):
         write(tmp)
     swap_into_place(tmp, final)

@@ -29,16 +29,17 @@ ADAPTER = "default"  # the adapter name diffusers' add_adapter gives
 
 @dataclass
 class LoraForwardOption:
-    """The option the LoRA trainers share (LCM-LoRA, LADD-LoRA)."""
+    """The option the LoRA trainers share (LCM-LoRA, LADD-LoRA); their configs also have ``use_lora``,
+    ``gradient_checkpointing`` and (from the loop) ``torch_compile``."""
 
     lora_forward: Literal["branched", "folded"] = "branched"  # LoRA training passes: folded runs each adapter folded into its base weight (faster on small networks on a CPU, slower on full-size ones; README); full students ignore it
 
     def validate_lora_forward(self) -> None:
         """Folding needs every pass to run through the folded weights, which recomputation and compiling bypass."""
-        if self.lora_forward != "folded" or not getattr(self, "use_lora", False):
+        if self.lora_forward != "folded" or not self.use_lora:
             return
-        clash = [name for name, on in (("gradient_checkpointing=true", getattr(self, "gradient_checkpointing", False)),
-                                       ("torch_compile=true", getattr(self, "torch_compile", False))) if on]
+        clash = [name for name, on in (("gradient_checkpointing=true", self.gradient_checkpointing),
+                                       ("torch_compile=true", self.torch_compile)) if on]
         if clash:
             raise ConfigError(f"lora_forward=folded cannot be combined with {clash[0]} (recomputed or compiled "
                               "passes would not see the folded weights); use lora_forward=branched")

@@ -136,7 +136,7 @@ class LCMMethod(LatentMethodBase):
         if cfg.lora_forward == "folded" and cfg.use_lora:
             for net in (self.student_net, self.side_net):
                 if net is not None:
-                    self.folded[id(net)] = FoldedLora(net)
+                    folded_runner(self.folded, net)
 
     def prepare_extra(self, accelerator: Accelerator, out: Path) -> None:
         if self.adversarial is not None:

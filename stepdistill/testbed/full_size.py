@@ -12,7 +12,6 @@ defaults), the tiny decoder many users pair with few-step SD1.5 students, to tim
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -22,6 +21,7 @@ from diffusers import AutoencoderKL, AutoencoderTiny, StableDiffusionPipeline, U
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from stepdistill.errors import ConfigError, cli_errors
+from stepdistill.methods.export import replace_folder
 from stepdistill.teacher import WEIGHT_DTYPES
 from stepdistill.testbed.tiny_models import sd15_scheduler
 
@@ -82,13 +82,11 @@ def _check_new_folder(option: str, out: Path) -> None:
         raise ConfigError(f"{option}={str(out)!r} already exists and is not an empty folder; give a new one")
 
 
-def _save_atomically(model: StableDiffusionPipeline | AutoencoderTiny, out: Path, dtype: str) -> None:
-    """``save_pretrained`` (safetensors) into a hidden folder renamed at the end: it appears only once complete."""
-    partial = out.with_name(f".tmp-{out.name}")
-    if partial.exists():  # left by a killed run
-        shutil.rmtree(partial)
-    model.to(WEIGHT_DTYPES[dtype]).save_pretrained(partial, safe_serialization=True)
-    partial.rename(out)
+def _save_whole(model: StableDiffusionPipeline | AutoencoderTiny, out: Path, dtype: str) -> None:
+    """``save_pretrained`` (safetensors) through the exports' temporary-sibling swap: the folder appears only
+    once complete."""
+    replace_folder(out, lambda tmp: model.to(WEIGHT_DTYPES[dtype]).save_pretrained(tmp, safe_serialization=True),
+                   kept="nothing was written there: free some space, then run the command again")
 
 
 def _check_dtype(dtype: str) -> None:
@@ -101,7 +99,7 @@ def save_sd15_random_pipeline(output_dir: str | Path, dtype: str = "fp16", seed:
     _check_dtype(dtype)
     out = Path(output_dir)
     _check_new_folder("output_dir", out)
-    _save_atomically(build_sd15_random_pipeline(seed), out, dtype)
+    _save_whole(build_sd15_random_pipeline(seed), out, dtype)
     return out
 
 
@@ -111,7 +109,7 @@ def save_tiny_decoder(output_dir: str | Path, dtype: str = "fp16", seed: int = 0
     out = Path(output_dir)
     _check_new_folder("tiny_decoder_dir", out)
     torch.manual_seed(seed)
-    _save_atomically(AutoencoderTiny(), out, dtype)
+    _save_whole(AutoencoderTiny(), out, dtype)
     return out
 
 
