@@ -80,6 +80,8 @@ def sampling_grid(schedule: NoiseSchedule, num_steps: int, spacing: str = "trail
 
     Trailing spacing starts at the last training timestep, which few-step samplers need (Lin et al. 2024).
     """
+    if schedule.kind == "flow" and schedule.uniform_sigmas:
+        return torch.cat([few_step_timesteps(schedule, num_steps), torch.zeros(1)])
     if schedule.kind == "flow":
         return flow_sigmas(num_steps, schedule.shift, schedule.num_train_timesteps) * schedule.num_train_timesteps
     steps = ddim_timesteps(num_steps, schedule.num_train_timesteps, spacing, steps_offset)

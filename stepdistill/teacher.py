@@ -22,7 +22,7 @@ from stepdistill.schedule import NoiseSchedule
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline",
-                       "PixArtSigmaPipeline", "LatentConsistencyModelPipeline")
+                       "PixArtSigmaPipeline", "FluxPipeline", "LatentConsistencyModelPipeline")
 WEIGHT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # names options take
 T5_TOKENS_WARNING = 64  # fewer T5 tokens than this per prompt is almost surely the testbed's default left in place
 
@@ -144,8 +144,43 @@ def _call_pixart_transformer(model: torch.nn.Module, x: torch.Tensor, t: torch.T
     return out[:, :x.shape[1]] if out.shape[1] == 2 * x.shape[1] else out
 
 
+def _call_flux_transformer(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, embeds: PromptEmbeds,
+                           **extra: Any) -> torch.Tensor:
+    """Flux reads its latents as a sequence of 2x2 patches with rotary (0, row, column) ids, its prompt tokens
+    with all-zero ids, and timesteps as noise levels in [0, 1]. The patches are packed and unpacked with
+    FluxPipeline's own helpers, so the wrapper keeps image-shaped latents like every other denoiser."""
+    from diffusers import FluxPipeline
+
+    batch, channels, height, width = x.shape
+    image_ids = FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, x.device, x.dtype)
+    text_ids = torch.zeros(embeds.hidden.shape[1], 3, device=x.device, dtype=x.dtype)
+    out = model(hidden_states=FluxPipeline._pack_latents(x, batch, channels, height, width),
+                encoder_hidden_states=embeds.hidden, pooled_projections=embeds.pooled, timestep=t / 1000,
+                img_ids=image_ids, txt_ids=text_ids, guidance=None, return_dict=False, **extra)[0]
+    return FluxPipeline._unpack_latents(out, height, width, vae_scale_factor=1)
+
+
 DENOISER_CALLS = {"UNet2DConditionModel": _call_unet, "SD3Transformer2DModel": _call_sd3_transformer,
-                  "PixArtTransformer2DModel": _call_pixart_transformer}
+                  "PixArtTransformer2DModel": _call_pixart_transformer, "FluxTransformer2DModel": _call_flux_transformer}
+
+
+def pipeline_guidance(pipe: DiffusionPipeline, guidance_scale: float) -> dict[str, Any]:
+    """A pipeline call's arguments for two-pass classifier-free guidance of ``guidance_scale`` with the empty
+    prompt as the unconditional one. Flux pipelines guide so only with ``true_cfg_scale`` and a negative prompt;
+    their ``guidance_scale`` feeds a guidance embedding, which the supported Flux teachers lack."""
+    if type(pipe).__name__ == "FluxPipeline":
+        return {"true_cfg_scale": guidance_scale, "negative_prompt": ""} if guidance_scale > 1 else {}
+    return {"guidance_scale": guidance_scale}
+
+
+def pipeline_latents(pipe: DiffusionPipeline, latents: torch.Tensor) -> dict[str, Any]:
+    """A pipeline call's arguments for image-shaped initial ``latents`` (B, C, h, w): Flux pipelines take them
+    packed into 2x2 patches, with the image size given, since packed latents do not carry it."""
+    if type(pipe).__name__ != "FluxPipeline":
+        return {"latents": latents}
+    batch, channels, height, width = latents.shape
+    return {"latents": pipe._pack_latents(latents, batch, channels, height, width),
+            "height": height * pipe.vae_scale_factor, "width": width * pipe.vae_scale_factor}
 
 
 class TeacherWrapper:
@@ -166,19 +201,37 @@ class TeacherWrapper:
         self.denoiser_class = type(denoiser).__name__
         self.is_sdxl = name == "StableDiffusionXLPipeline"
         self.is_pixart = name == "PixArtSigmaPipeline"
+        self.is_flux = name == "FluxPipeline"
+        if self.is_flux and denoiser.config.get("guidance_embeds", False):
+            raise ModelError("FluxPipeline teachers with guidance_embeds=true (guidance-distilled, e.g. FLUX.1-dev) are "
+                             "not supported yet; supported: Flux transformers without a guidance embedding "
+                             "(FLUX.1-schnell's layout), guided by two passes")
         self._call = (functools.partial(_call_sdxl_unet, pixels_per_latent=pipe.vae_scale_factor) if self.is_sdxl
                       else DENOISER_CALLS[self.denoiser_class])
-        self.schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
+        self.schedule = NoiseSchedule.from_scheduler(pipe.scheduler, image_seq_len=self._image_tokens())
         self.prediction_type = prediction_type or self._infer_prediction_type()
         if self.prediction_type not in PREDICTION_TYPES:
             raise ModelError(f"prediction type {self.prediction_type!r} is not known; allowed: {', '.join(PREDICTION_TYPES)}")
         self.max_sequence_length = max_sequence_length
-        t5 = pipe.text_encoder if self.is_pixart else getattr(pipe, "text_encoder_3", None)
+        t5 = {"PixArtSigmaPipeline": pipe.text_encoder, "FluxPipeline": getattr(pipe, "text_encoder_2", None)}.get(
+            name, getattr(pipe, "text_encoder_3", None))
         if t5 is not None and max_sequence_length < T5_TOKENS_WARNING:
             warnings.warn(f"max_sequence_length={max_sequence_length} cuts every prompt to that many T5 tokens; the "
-                          "pipelines use 256 (SD3) or 300 (PixArt-Sigma): pass --max_sequence_length; the testbed DiT "
+                          "pipelines use 256 (SD3), 300 (PixArt-Sigma) or 512 (Flux): pass --max_sequence_length; the testbed DiT "
                           "without T5 uses 8", stacklevel=2)
         self._prompt_cache: dict[str, PromptEmbeds] = {}
+
+    @property
+    def latent_size(self) -> int:
+        """Height (= width) of the denoiser's latents at the VAE's native resolution."""
+        config = self.pipe.transformer.config if self.is_dit else self.pipe.unet.config
+        if config.get("sample_size") is not None:
+            return config.sample_size
+        return self.pipe.vae.config.sample_size // self.pipe.vae_scale_factor  # Flux's config has no sample size
+
+    def _image_tokens(self) -> int | None:
+        """Flux: the packed latent's token count, which sets its scheduler's dynamic shift; else None."""
+        return (self.latent_size // 2) ** 2 if self.is_flux else None
 
     def _infer_prediction_type(self) -> str:
         if self.schedule.kind == "flow":
@@ -200,6 +253,10 @@ class TeacherWrapper:
         if self.is_pixart:
             return {"max_sequence_length": self.max_sequence_length, "use_resolution_binning": False}
         return {"max_sequence_length": self.max_sequence_length} if self.is_dit else {}
+
+    def pipeline_guidance_kwargs(self, guidance_scale: float) -> dict[str, Any]:
+        """How a call of this pipeline asks for the guidance :meth:`predict` applies (see :func:`pipeline_guidance`)."""
+        return pipeline_guidance(self.pipe, guidance_scale)
 
     def with_model(self, model: torch.nn.Module, prediction_type: str | None = None) -> TeacherWrapper:
         """Same schedule, prompts and conversions around another network (e.g. the student)."""
@@ -226,6 +283,9 @@ class TeacherWrapper:
         if self.is_pixart:
             hidden, mask, _, _ = self.pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=device,
                                                          clean_caption=False, max_sequence_length=self.max_sequence_length)
+        elif self.is_flux:
+            hidden, pooled, _ = self.pipe.encode_prompt(prompts, prompts, device=device,
+                                                        max_sequence_length=self.max_sequence_length)
         elif self.is_dit:
             hidden, _, pooled, _ = self.pipe.encode_prompt(prompts, prompts, None, device=device,
                                                            do_classifier_free_guidance=False,

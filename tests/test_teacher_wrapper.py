@@ -204,3 +204,36 @@ def test_bad_teacher_inputs(tmp_path, sd_pipe):
         load_teacher(tmp_path / "pipe", prediction_type="x0")
     loaded = load_teacher(tmp_path / "pipe")
     assert type(loaded.pipe).__name__ == "StableDiffusionPipeline" and loaded.schedule.kind == "vp"
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.5])
+def test_euler_sampling_through_wrapper_equals_flux_pipeline(flux_pipe, guidance):
+    """Flux: packed 2x2 latent patches with rotary ids, CLIP's pooled embedding with T5's tokens, a shift set
+    by the token count, uniform sigmas, and two-pass guidance through the negative prompt."""
+    with pytest.warns(UserWarning, match="T5 tokens"):
+        teacher = TeacherWrapper(flux_pipe, max_sequence_length=8)
+    assert teacher.is_flux and teacher.is_dit and teacher.prediction_type == "flow"
+    assert teacher.schedule.uniform_sigmas and teacher.schedule.shift != flux_pipe.scheduler.config.shift
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    prompts = ["rocket", "sun"]
+    with torch.no_grad():
+        packed = flux_pipe._pack_latents(latents, 2, 4, 8, 8)
+        ref = flux_pipe(prompts, num_inference_steps=5, latents=packed, output_type="latent", height=32, width=32,
+                        **teacher.pipeline_guidance_kwargs(guidance), **teacher.pipeline_call_kwargs()).images
+        embeds = teacher.encode_prompts(prompts)
+        grid = sampling_grid(teacher.schedule, 5)
+        ours = sample_ddim(lambda x, t: teacher.predict(x, t, embeds, guidance), latents, grid, teacher.schedule)
+        unpooled = PromptEmbeds(embeds.hidden, torch.zeros_like(embeds.pooled))
+        without_pooled = sample_ddim(lambda x, t: teacher.predict(x, t, unpooled, guidance), latents, grid, teacher.schedule)
+    torch.testing.assert_close(flux_pipe._pack_latents(ours, 2, 4, 8, 8), ref, atol=1e-4, rtol=1e-4)
+    assert (without_pooled - ours).abs().max() > 1e-3  # the pooled embedding is really used
+
+
+def test_guidance_distilled_flux_is_refused(flux_pipe):
+    """FLUX.1-dev's guidance embedding stands in for two-pass guidance, which the trainers' teacher passes use."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    config = dict(flux_pipe.transformer.config, guidance_embeds=True)
+    guided = FluxPipeline(**{**flux_pipe.components, "transformer": FluxTransformer2DModel.from_config(config)})
+    with pytest.raises(ModelError, match="^FluxPipeline teachers with guidance_embeds=true .* not supported yet"):
+        TeacherWrapper(guided)

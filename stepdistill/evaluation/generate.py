@@ -13,7 +13,7 @@ from stepdistill.evaluation.sampling_parts import median_ms
 from stepdistill.methods.export import SIGMA_GRID_KEY, STUDENT_META, read_student_meta
 from stepdistill.sampling import initial_noise
 from stepdistill.solvers import uniform_call_sigmas
-from stepdistill.teacher import TeacherWrapper, load_teacher
+from stepdistill.teacher import TeacherWrapper, load_teacher, pipeline_guidance, pipeline_latents
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
@@ -57,8 +57,8 @@ class Generator:
         out = []
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
-            result = self.pipe(chunk, guidance_scale=self.guidance_scale, latents=noise[start:start + len(chunk)],
-                               output_type="pt", **self.step_kwargs(steps), **self.call_kwargs)
+            result = self.pipe(chunk, **pipeline_guidance(self.pipe, self.guidance_scale),
+                               **pipeline_latents(self.pipe, noise[start:start + len(chunk)]), output_type="pt", **self.step_kwargs(steps), **self.call_kwargs)
             out.append(result.images.float() * 2 - 1)
         return torch.cat(out)
 

@@ -6,8 +6,8 @@ parameter UNet (SD1.5 layout) or MMDiT (SD3 layout), small random CLIP text enco
 from __future__ import annotations
 
 import torch
-from diffusers import (AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler, PixArtTransformer2DModel,
-                       SD3Transformer2DModel, UNet2DConditionModel)
+from diffusers import (AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel,
+                       PixArtTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel)
 from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config,
                           T5EncoderModel, T5TokenizerFast)
 
@@ -105,6 +105,23 @@ def tiny_sd3_transformer(joint_attention_dim: int = 128, pooled_projection_dim: 
         num_layers=6, attention_head_dim=32, num_attention_heads=4, joint_attention_dim=joint_attention_dim,
         caption_projection_dim=128, pooled_projection_dim=pooled_projection_dim, pos_embed_max_size=16,
     )
+
+
+def tiny_flux_transformer(joint_attention_dim: int = 128, pooled_projection_dim: int = 64) -> FluxTransformer2DModel:
+    """Flux-layout DiT for 8x8x4 latents, which its pipeline packs into 4x4 tokens of 16 channels: double-stream
+    blocks, then single-stream ones, rotary positions, no guidance embedding (FLUX.1-schnell's layout)."""
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=4 * LATENT_CHANNELS, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=4, joint_attention_dim=joint_attention_dim, pooled_projection_dim=pooled_projection_dim,
+        guidance_embeds=False, axes_dims_rope=(4, 6, 6),
+    )
+
+
+def flux_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """Flux's scheduler config: the shift follows the image's token count (``use_dynamic_shifting``)."""
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                           base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                           max_image_seq_len=4096)
 
 
 def sd15_scheduler() -> DDIMScheduler:
