@@ -156,7 +156,7 @@ def _call_flux_transformer(model: torch.nn.Module, x: torch.Tensor, t: torch.Ten
     text_ids = torch.zeros(embeds.hidden.shape[1], 3, device=x.device, dtype=x.dtype)
     out = model(hidden_states=FluxPipeline._pack_latents(x, batch, channels, height, width),
                 encoder_hidden_states=embeds.hidden, pooled_projections=embeds.pooled, timestep=t / 1000,
-                img_ids=image_ids, txt_ids=text_ids, guidance=None, return_dict=False, **extra)[0]
+                img_ids=image_ids, txt_ids=text_ids, return_dict=False, **extra)[0]
     return FluxPipeline._unpack_latents(out, height, width, vae_scale_factor=1)
 
 
@@ -165,12 +165,23 @@ DENOISER_CALLS = {"UNet2DConditionModel": _call_unet, "SD3Transformer2DModel": _
 
 
 def pipeline_guidance(pipe: DiffusionPipeline, guidance_scale: float) -> dict[str, Any]:
-    """A pipeline call's arguments for two-pass classifier-free guidance of ``guidance_scale`` with the empty
-    prompt as the unconditional one. Flux pipelines guide so only with ``true_cfg_scale`` and a negative prompt;
-    their ``guidance_scale`` feeds a guidance embedding, which the supported Flux teachers lack."""
-    if type(pipe).__name__ == "FluxPipeline":
+    """A pipeline call's arguments for the guidance :meth:`TeacherWrapper.predict` applies at ``guidance_scale``:
+    two-pass classifier-free guidance with the empty prompt as the unconditional one, or for a guidance-
+    distilled Flux the scale its guidance embedding reads. A Flux pipeline guides in two passes only given
+    ``true_cfg_scale`` and a negative prompt; its ``guidance_scale`` feeds the embedding."""
+    if type(pipe).__name__ == "FluxPipeline" and not pipe.transformer.config.get("guidance_embeds", False):
         return {"true_cfg_scale": guidance_scale, "negative_prompt": ""} if guidance_scale > 1 else {}
     return {"guidance_scale": guidance_scale}
+
+
+def guidance_passes(pipe: DiffusionPipeline, guidance_scale: float) -> int:
+    """Network passes per step of a call guided at ``guidance_scale``: 2 with classifier-free guidance (the
+    unconditional pass), 1 without it or when the network reads the scale as an input (a w-embedding UNet,
+    a guidance-distilled Flux)."""
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    reads_scale = (getattr(denoiser.config, "time_cond_proj_dim", None) is not None
+                   or bool(getattr(denoiser.config, "guidance_embeds", False)))
+    return 2 if guidance_scale > 1 and not reads_scale else 1
 
 
 def pipeline_latents(pipe: DiffusionPipeline, latents: torch.Tensor) -> dict[str, Any]:
@@ -202,10 +213,8 @@ class TeacherWrapper:
         self.is_sdxl = name == "StableDiffusionXLPipeline"
         self.is_pixart = name == "PixArtSigmaPipeline"
         self.is_flux = name == "FluxPipeline"
-        if self.is_flux and denoiser.config.get("guidance_embeds", False):
-            raise ModelError("FluxPipeline teachers with guidance_embeds=true (guidance-distilled, e.g. FLUX.1-dev) are "
-                             "not supported yet; supported: Flux transformers without a guidance embedding "
-                             "(FLUX.1-schnell's layout), guided by two passes")
+        # guidance-distilled Flux (FLUX.1-dev) takes the guidance scale as an input and is guided in one pass
+        self.embedded_guidance = self.is_flux and bool(denoiser.config.get("guidance_embeds", False))
         self._call = (functools.partial(_call_sdxl_unet, pixels_per_latent=pipe.vae_scale_factor) if self.is_sdxl
                       else DENOISER_CALLS[self.denoiser_class])
         self.schedule = NoiseSchedule.from_scheduler(pipe.scheduler, image_seq_len=self._image_tokens())
@@ -311,6 +320,8 @@ class TeacherWrapper:
         t = torch.as_tensor(t, device=x.device)
         t = t.expand(x.shape[0]) if t.dim() == 0 else t
         model_dtype = next(self.model.parameters()).dtype
+        if self.embedded_guidance and "guidance" not in extra:  # unguided: the embedding reads scale 1
+            extra = {**extra, "guidance": torch.ones(x.shape[0], device=x.device)}
         out = self._call(self.model, x.to(model_dtype), t, embeds.to(x.device, model_dtype), **extra)
         return out.float()
 
@@ -333,11 +344,15 @@ class TeacherWrapper:
 
         Guidance is applied to the raw output, which equals applying it to x0 or eps since the conversions
         are affine in the output for a fixed x_t. ``guidance_scale`` may be per sample (LCM's w range).
+        A guidance-distilled Flux reads the scale through its guidance embedding instead, in one pass.
         """
         x = x.float()
         t = torch.as_tensor(t, device=x.device)
         alpha, sigma = self.schedule.alpha_sigma(t)
-        if isinstance(guidance_scale, (int, float)) and guidance_scale == 1.0:  # decided on the host: no device read
+        if self.embedded_guidance:  # one pass: the scale is an input of the network
+            scale = torch.as_tensor(guidance_scale, dtype=torch.float32, device=x.device).expand(x.shape[0])
+            out = self.raw_output(x, t, embeds, guidance=scale, **extra)
+        elif isinstance(guidance_scale, (int, float)) and guidance_scale == 1.0:  # decided on the host: no device read
             out = self.raw_output(x, t, embeds, **extra)
         else:
             uncond = uncond if uncond is not None else self.empty_prompt(x.shape[0])

@@ -43,13 +43,16 @@ sd3_pipe = _pipe_fixture("sd3")
 sd3_t5_pipe = _pipe_fixture("sd3_t5")  # SD3 with its T5 encoder
 sdxl_pipe = _pipe_fixture("sdxl")
 pixart_pipe = _pipe_fixture("pixart")
-flux_pipe = _pipe_fixture("flux")
+flux_pipe = _pipe_fixture("flux")  # FLUX.1-schnell's layout: guided in two passes
+flux_dev_pipe = _pipe_fixture("flux_dev")  # FLUX.1-dev's: a guidance embedding
 
 
 @pytest.fixture(scope="session")
-def random_teachers(tmp_path_factory, sd_pipe, sd3_pipe, sdxl_pipe, pixart_pipe, flux_pipe):
-    """The random SD, SD3, SDXL, PixArt-Sigma and Flux pipelines saved as folders, the way a trainer receives a teacher."""
+def random_teachers(tmp_path_factory, sd_pipe, sd3_pipe, sdxl_pipe, pixart_pipe, flux_pipe, flux_dev_pipe):
+    """The random SD, SD3, SDXL, PixArt-Sigma and both Flux pipelines saved as folders, the way a trainer
+    receives a teacher."""
     root = tmp_path_factory.mktemp("teachers")
-    for name, pipe in (("sd", sd_pipe), ("sd3", sd3_pipe), ("sdxl", sdxl_pipe), ("pixart", pixart_pipe), ("flux", flux_pipe)):
+    for name, pipe in (("sd", sd_pipe), ("sd3", sd3_pipe), ("sdxl", sdxl_pipe), ("pixart", pixart_pipe), ("flux", flux_pipe),
+                       ("flux_dev", flux_dev_pipe)):
         pipe.save_pretrained(root / name)
     return root

@@ -8,7 +8,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from stepdistill.errors import ModelError
 from stepdistill.solvers import sample_ddim, sampling_grid
 from stepdistill.teacher import (PREDICTION_TYPES, Prediction, PromptEmbeds, TeacherWrapper, load_teacher,
-                                 output_to_prediction, prediction_to_output)
+                                 output_to_prediction, pipeline_latents, prediction_to_output)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
@@ -206,34 +206,29 @@ def test_bad_teacher_inputs(tmp_path, sd_pipe):
     assert type(loaded.pipe).__name__ == "StableDiffusionPipeline" and loaded.schedule.kind == "vp"
 
 
-@pytest.mark.parametrize("guidance", [1.0, 3.5])
-def test_euler_sampling_through_wrapper_equals_flux_pipeline(flux_pipe, guidance):
+
+@pytest.mark.parametrize("kind,guidance", [("flux", 1.0), ("flux", 3.5), ("flux_dev", 1.0), ("flux_dev", 3.5)])
+def test_euler_sampling_through_wrapper_equals_flux_pipeline(request, kind, guidance):
     """Flux: packed 2x2 latent patches with rotary ids, CLIP's pooled embedding with T5's tokens, a shift set
-    by the token count, uniform sigmas, and two-pass guidance through the negative prompt."""
+    by the token count, uniform sigmas; guidance in two passes through the negative prompt (FLUX.1-schnell's
+    layout) or in one through the guidance embedding (FLUX.1-dev's)."""
+    pipe = request.getfixturevalue(f"{kind}_pipe")
     with pytest.warns(UserWarning, match="T5 tokens"):
-        teacher = TeacherWrapper(flux_pipe, max_sequence_length=8)
+        teacher = TeacherWrapper(pipe, max_sequence_length=8)
     assert teacher.is_flux and teacher.is_dit and teacher.prediction_type == "flow"
-    assert teacher.schedule.uniform_sigmas and teacher.schedule.shift != flux_pipe.scheduler.config.shift
+    assert teacher.embedded_guidance == (kind == "flux_dev")
+    assert teacher.schedule.uniform_sigmas and teacher.schedule.shift != pipe.scheduler.config.shift
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
     prompts = ["rocket", "sun"]
     with torch.no_grad():
-        packed = flux_pipe._pack_latents(latents, 2, 4, 8, 8)
-        ref = flux_pipe(prompts, num_inference_steps=5, latents=packed, output_type="latent", height=32, width=32,
-                        **teacher.pipeline_guidance_kwargs(guidance), **teacher.pipeline_call_kwargs()).images
+        ref = pipe(prompts, num_inference_steps=5, output_type="latent", **pipeline_latents(pipe, latents),
+                   **teacher.pipeline_guidance_kwargs(guidance), **teacher.pipeline_call_kwargs()).images
         embeds = teacher.encode_prompts(prompts)
         grid = sampling_grid(teacher.schedule, 5)
         ours = sample_ddim(lambda x, t: teacher.predict(x, t, embeds, guidance), latents, grid, teacher.schedule)
         unpooled = PromptEmbeds(embeds.hidden, torch.zeros_like(embeds.pooled))
         without_pooled = sample_ddim(lambda x, t: teacher.predict(x, t, unpooled, guidance), latents, grid, teacher.schedule)
-    torch.testing.assert_close(flux_pipe._pack_latents(ours, 2, 4, 8, 8), ref, atol=1e-4, rtol=1e-4)
+        other_scale = sample_ddim(lambda x, t: teacher.predict(x, t, embeds, guidance + 2), latents, grid, teacher.schedule)
+    torch.testing.assert_close(pipe._unpack_latents(ref, 8, 8, vae_scale_factor=1), ours, atol=1e-4, rtol=1e-4)
     assert (without_pooled - ours).abs().max() > 1e-3  # the pooled embedding is really used
-
-
-def test_guidance_distilled_flux_is_refused(flux_pipe):
-    """FLUX.1-dev's guidance embedding stands in for two-pass guidance, which the trainers' teacher passes use."""
-    from diffusers import FluxPipeline, FluxTransformer2DModel
-
-    config = dict(flux_pipe.transformer.config, guidance_embeds=True)
-    guided = FluxPipeline(**{**flux_pipe.components, "transformer": FluxTransformer2DModel.from_config(config)})
-    with pytest.raises(ModelError, match="^FluxPipeline teachers with guidance_embeds=true .* not supported yet"):
-        TeacherWrapper(guided)
+    assert (other_scale - ours).abs().max() > 1e-3  # and so is the guidance scale, in both layouts

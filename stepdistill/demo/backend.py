@@ -18,7 +18,7 @@ from stepdistill.errors import StepdistillError
 from stepdistill.evaluation.decoder_swap import load_decoder, use_decoder
 from stepdistill.evaluation.generate import STUDENT_META, Generator, load_student, teacher_solver
 from stepdistill.sampling import initial_noise
-from stepdistill.teacher import load_teacher
+from stepdistill.teacher import guidance_passes, load_teacher
 from stepdistill.testbed import resolve_teacher_path
 
 STUDENT_STEPS = (1, 2, 4, 8)
@@ -62,13 +62,6 @@ def validate_inputs(prompt: str, seed: float, guidance_scale: float, teacher_ste
             kind = "an integer" if integral else "a number"
             raise DemoInputError(f"{name}={value!r} is out of range; allowed {kind} from {low} to {high}")
     return prompt, int(seed), float(guidance_scale), int(teacher_steps), int(extra_steps)
-
-
-def passes_per_step(pipe, guidance_scale: float) -> int:
-    """2 when the pipeline runs classifier-free guidance (a second, unconditional pass), else 1."""
-    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
-    embeds_w = getattr(denoiser.config, "time_cond_proj_dim", None) is not None
-    return 2 if guidance_scale > 1 and not embeds_w else 1
 
 
 def find_latest_student(root: str | Path, teacher_class: str) -> Path | None:
@@ -139,4 +132,4 @@ class DemoBackend:
         elapsed = 1000 * (time.perf_counter() - start)
         array = ((image.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
         pil = Image.fromarray(array).resize((array.shape[1] * 8, array.shape[0] * 8), Image.NEAREST)
-        return Shot(gen.name, steps, steps * passes_per_step(gen.pipe, gen.guidance_scale), elapsed, pil)
+        return Shot(gen.name, steps, steps * guidance_passes(gen.pipe, gen.guidance_scale), elapsed, pil)

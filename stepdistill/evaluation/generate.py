@@ -24,9 +24,10 @@ def teacher_solver(pipe: DiffusionPipeline, solver: str) -> diffusers.SchedulerM
     if type(pipe.scheduler).__name__.startswith("FlowMatch"):
         if solver == "euler":
             return diffusers.FlowMatchEulerDiscreteScheduler.from_config(config)
-        if solver == "dpmpp":
+        if solver == "dpmpp":  # Flux pipelines pass their size-dependent shift (mu), which needs dynamic shifting on
+            dynamic = {"use_dynamic_shifting": True, "time_shift_type": "exponential"} if config.get("use_dynamic_shifting") else {}
             return diffusers.DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction",
-                                                         flow_shift=config.get("shift", 1.0))
+                                                         flow_shift=config.get("shift", 1.0), **dynamic)
         raise ConfigError(f"solver {solver!r} is not available for flow teachers; choose euler or dpmpp")
     classes = {"ddim": diffusers.DDIMScheduler, "dpmpp": diffusers.DPMSolverMultistepScheduler,
                "euler": diffusers.EulerDiscreteScheduler}

@@ -19,7 +19,7 @@ from stepdistill.evaluation.emoji_evaluator import load_evaluator
 from stepdistill.evaluation.generate import Generator, load_student, shared_noise, teacher_solver
 from stepdistill.evaluation.metrics import evaluator_outputs, image_set_metrics
 from stepdistill.evaluation.report import write_markdown, write_plot
-from stepdistill.teacher import load_teacher
+from stepdistill.teacher import guidance_passes, load_teacher
 from stepdistill.testbed import resolve_teacher_path
 from stepdistill.utils.images import save_grid
 
@@ -101,8 +101,7 @@ def _row(cfg, gen, solver, steps, prompts, labels, real_features, noises, refere
         if seed == cfg.seeds[0]:
             label = f"{gen.name}-{solver}" if solver else gen.name
             save_grid(images[:16], out / "grids" / f"{label}-{steps:02d}steps.png", nrow=16, scale=2)
-    guided = solver is not None and cfg.guidance_scale != 1.0
-    row = {"model": gen.name, "solver": solver or "student", "steps": steps, "nfe": steps * (2 if guided else 1),
+    row = {"model": gen.name, "solver": solver or "student", "steps": steps, "nfe": steps * guidance_passes(gen.pipe, gen.guidance_scale),
            "latency_ms": gen.latency_ms(prompts[0], steps, noises[cfg.seeds[0]], cfg.latency_repeats)}
     for key in per_seed[0]:
         values = [m[key] for m in per_seed]

@@ -177,12 +177,15 @@ def _untrained_pipeline(kind: str, vae: AutoencoderKL, tokenizer: CLIPTokenizer)
         return PixArtSigmaPipeline(
             tokenizer=t5_tokenizer, text_encoder=tiny_models.tiny_t5_encoder(t5_tokenizer, 128, seed=7), vae=vae,
             transformer=tiny_models.tiny_pixart_transformer(128), scheduler=tiny_models.sd15_scheduler())
-    if kind == "flux":  # tests only: Flux, CLIP's pooled embedding plus T5's tokens, packed latents
+    if kind in ("flux", "flux_dev"):  # tests only: Flux, CLIP's pooled embedding plus T5's tokens, packed latents
         t5_tokenizer = tiny_models.tiny_t5_tokenizer([token.removesuffix("</w>") for token in tokenizer.get_vocab()])
+        vae = copy.deepcopy(vae)
+        vae.register_to_config(shift_factor=0.1159)  # Flux's VAE shifts its latents, and its pipeline needs the value
         return FluxPipeline(
             scheduler=tiny_models.flux_scheduler(), vae=vae, text_encoder=tiny_models.tiny_clip_text(tokenizer, 64, seed=8),
             tokenizer=tokenizer, text_encoder_2=tiny_models.tiny_t5_encoder(t5_tokenizer, 128, seed=9),
-            tokenizer_2=t5_tokenizer, transformer=tiny_models.tiny_flux_transformer(128, pooled_projection_dim=64))
+            tokenizer_2=t5_tokenizer, transformer=tiny_models.tiny_flux_transformer(128, pooled_projection_dim=64,
+                                                          guidance_embeds=kind == "flux_dev"))
     if kind == "sd":
         return StableDiffusionPipeline(
             vae=vae, text_encoder=tiny_models.tiny_clip_text(tokenizer, 128, seed=1), tokenizer=tokenizer,

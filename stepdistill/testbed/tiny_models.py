@@ -107,13 +107,15 @@ def tiny_sd3_transformer(joint_attention_dim: int = 128, pooled_projection_dim: 
     )
 
 
-def tiny_flux_transformer(joint_attention_dim: int = 128, pooled_projection_dim: int = 64) -> FluxTransformer2DModel:
+def tiny_flux_transformer(joint_attention_dim: int = 128, pooled_projection_dim: int = 64,
+                          guidance_embeds: bool = False) -> FluxTransformer2DModel:
     """Flux-layout DiT for 8x8x4 latents, which its pipeline packs into 4x4 tokens of 16 channels: double-stream
-    blocks, then single-stream ones, rotary positions, no guidance embedding (FLUX.1-schnell's layout)."""
+    blocks, then single-stream ones, rotary positions; FLUX.1-schnell's layout, or with a guidance embedding
+    FLUX.1-dev's."""
     return FluxTransformer2DModel(
         patch_size=1, in_channels=4 * LATENT_CHANNELS, num_layers=2, num_single_layers=2, attention_head_dim=16,
         num_attention_heads=4, joint_attention_dim=joint_attention_dim, pooled_projection_dim=pooled_projection_dim,
-        guidance_embeds=False, axes_dims_rope=(4, 6, 6),
+        guidance_embeds=guidance_embeds, axes_dims_rope=(4, 6, 6),
     )
 
 
