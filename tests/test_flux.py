@@ -71,6 +71,8 @@ def test_ladd_student_samples_in_flux_pipeline_as_in_our_sampler(random_teachers
     pipe.set_progress_bar_config(disable=True)
     if "scheduler" in meta:
         pipe.scheduler = getattr(diffusers, meta["scheduler"]).from_config(pipe.scheduler.config, **meta.get("scheduler_kwargs", {}))
+    assert meta["guidance_scale"] == 1.0
+    assert ("call the pipeline with `guidance_scale=1.0`" in (folder / "README.md").read_text()) == (kind == "flux_dev")
     for steps in (1, 2, 4) if sampler == "deterministic" else (1,):
         ours = method.sample(method.student_net, PROMPTS, steps, noise(3), seed=1)
         torch.manual_seed(1)

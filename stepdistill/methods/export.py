@@ -105,6 +105,9 @@ def write_model_card(out_dir: Path, cfg: Any, teacher: TeacherWrapper, lora: boo
              *([] if student_prediction in (None, teacher.prediction_type) else
                [f"The student outputs `{student_prediction}`, and its scheduler config says so: build any other "
                 "scheduler with `from_config(pipe.scheduler.config)` to keep it.", ""]),
+             *([] if not teacher.embedded_guidance else
+               ["The network reads the guidance scale as an input, and the student was trained with it at 1.0: "
+                f"call the pipeline with `guidance_scale=1.0` ({pipe_cls} defaults to 3.5).", ""]),
              "```python", usage, "```", "", "## Training options", "",
              *[f"- `{k}`: {v}" for k, v in sorted(options.items())]]
     (out_dir / "README.md").write_text("\n".join(lines) + "\n")
