@@ -23,7 +23,7 @@ class NoiseSchedule:
     alphas_cumprod: torch.Tensor | None = None  # vp only, float64 for exact conversions
     final_alpha_cumprod: float = 1.0  # vp: alpha_cumprod used for "timestep -1" (diffusers' set_alpha_to_one)
     shift: float = 1.0  # flow: the scheduler's timestep shift, used when building sampling grids
-    uniform_sigmas: bool = False  # flow: the pipeline samples N steps from sigmas 1, (N-1)/N, ..., 1/N (Flux), not SD3's grid
+    uniform_sigmas: bool = False  # flow: the pipeline samples from sigmas 1, (N-1)/N, ..., 1/N (Flux), not SD3's grid
     _device_tables: dict[torch.device, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
@@ -38,8 +38,9 @@ class NoiseSchedule:
             if image_seq_len is not None and config.get("use_dynamic_shifting", False):
                 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-                mu = calculate_shift(image_seq_len, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
-                                     config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+                mu = calculate_shift(image_seq_len, config.get("base_image_seq_len", 256),
+                                     config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                                     config.get("max_shift", 1.15))
                 return cls("flow", config.num_train_timesteps, shift=math.exp(mu), uniform_sigmas=True)
             return cls("flow", config.num_train_timesteps, shift=float(config.get("shift", 1.0)),
                        uniform_sigmas=image_seq_len is not None)

@@ -226,8 +226,8 @@ class TeacherWrapper:
             name, getattr(pipe, "text_encoder_3", None))
         if t5 is not None and max_sequence_length < T5_TOKENS_WARNING:
             warnings.warn(f"max_sequence_length={max_sequence_length} cuts every prompt to that many T5 tokens; the "
-                          "pipelines use 256 (SD3), 300 (PixArt-Sigma) or 512 (Flux): pass --max_sequence_length; the testbed DiT "
-                          "without T5 uses 8", stacklevel=2)
+                          "pipelines use 256 (SD3), 300 (PixArt-Sigma) or 512 (Flux): pass --max_sequence_length; "
+                          "the testbed DiT without T5 uses 8", stacklevel=2)
         self._prompt_cache: dict[str, PromptEmbeds] = {}
 
     @property
@@ -262,10 +262,6 @@ class TeacherWrapper:
         if self.is_pixart:
             return {"max_sequence_length": self.max_sequence_length, "use_resolution_binning": False}
         return {"max_sequence_length": self.max_sequence_length} if self.is_dit else {}
-
-    def pipeline_guidance_kwargs(self, guidance_scale: float) -> dict[str, Any]:
-        """How a call of this pipeline asks for the guidance :meth:`predict` applies (see :func:`pipeline_guidance`)."""
-        return pipeline_guidance(self.pipe, guidance_scale)
 
     def with_model(self, model: torch.nn.Module, prediction_type: str | None = None) -> TeacherWrapper:
         """Same schedule, prompts and conversions around another network (e.g. the student)."""

@@ -8,7 +8,8 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from stepdistill.errors import ModelError
 from stepdistill.solvers import sample_ddim, sampling_grid
 from stepdistill.teacher import (PREDICTION_TYPES, Prediction, PromptEmbeds, TeacherWrapper, load_teacher,
-                                 output_to_prediction, pipeline_latents, prediction_to_output)
+                                 output_to_prediction, pipeline_guidance, pipeline_latents,
+                                 prediction_to_output)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
@@ -198,8 +199,8 @@ def test_bad_teacher_inputs(tmp_path, sd_pipe):
     with pytest.raises(ModelError, match="'/no/such/teacher' is not a diffusers pipeline folder"):
         load_teacher("/no/such/teacher")
     sd_pipe.save_pretrained(tmp_path / "pipe")
-    with pytest.raises(ModelError, match="pipeline class 'FluxPipeline' is not supported"):
-        load_teacher(tmp_path / "pipe", pipeline_class="FluxPipeline")
+    with pytest.raises(ModelError, match="pipeline class 'AuraFlowPipeline' is not supported"):
+        load_teacher(tmp_path / "pipe", pipeline_class="AuraFlowPipeline")
     with pytest.raises(ModelError, match="prediction type 'x0' is not known"):
         load_teacher(tmp_path / "pipe", prediction_type="x0")
     loaded = load_teacher(tmp_path / "pipe")
@@ -222,7 +223,7 @@ def test_euler_sampling_through_wrapper_equals_flux_pipeline(request, kind, guid
     prompts = ["rocket", "sun"]
     with torch.no_grad():
         ref = pipe(prompts, num_inference_steps=5, output_type="latent", **pipeline_latents(pipe, latents),
-                   **teacher.pipeline_guidance_kwargs(guidance), **teacher.pipeline_call_kwargs()).images
+                   **pipeline_guidance(pipe, guidance), **teacher.pipeline_call_kwargs()).images
         embeds = teacher.encode_prompts(prompts)
         grid = sampling_grid(teacher.schedule, 5)
         ours = sample_ddim(lambda x, t: teacher.predict(x, t, embeds, guidance), latents, grid, teacher.schedule)

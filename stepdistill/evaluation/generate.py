@@ -25,7 +25,8 @@ def teacher_solver(pipe: DiffusionPipeline, solver: str) -> diffusers.SchedulerM
         if solver == "euler":
             return diffusers.FlowMatchEulerDiscreteScheduler.from_config(config)
         if solver == "dpmpp":  # Flux pipelines pass their size-dependent shift (mu), which needs dynamic shifting on
-            dynamic = {"use_dynamic_shifting": True, "time_shift_type": "exponential"} if config.get("use_dynamic_shifting") else {}
+            dynamic = ({"use_dynamic_shifting": True, "time_shift_type": "exponential"}
+                       if config.get("use_dynamic_shifting") else {})
             return diffusers.DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction",
                                                          flow_shift=config.get("shift", 1.0), **dynamic)
         raise ConfigError(f"solver {solver!r} is not available for flow teachers; choose euler or dpmpp")
@@ -59,7 +60,8 @@ class Generator:
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
             result = self.pipe(chunk, **pipeline_guidance(self.pipe, self.guidance_scale),
-                               **pipeline_latents(self.pipe, noise[start:start + len(chunk)]), output_type="pt", **self.step_kwargs(steps), **self.call_kwargs)
+                               **pipeline_latents(self.pipe, noise[start:start + len(chunk)]), output_type="pt",
+                               **self.step_kwargs(steps), **self.call_kwargs)
             out.append(result.images.float() * 2 - 1)
         return torch.cat(out)
 

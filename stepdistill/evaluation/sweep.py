@@ -101,7 +101,8 @@ def _row(cfg, gen, solver, steps, prompts, labels, real_features, noises, refere
         if seed == cfg.seeds[0]:
             label = f"{gen.name}-{solver}" if solver else gen.name
             save_grid(images[:16], out / "grids" / f"{label}-{steps:02d}steps.png", nrow=16, scale=2)
-    row = {"model": gen.name, "solver": solver or "student", "steps": steps, "nfe": steps * guidance_passes(gen.pipe, gen.guidance_scale),
+    row = {"model": gen.name, "solver": solver or "student", "steps": steps,
+           "nfe": steps * guidance_passes(gen.pipe, gen.guidance_scale),
            "latency_ms": gen.latency_ms(prompts[0], steps, noises[cfg.seeds[0]], cfg.latency_repeats)}
     for key in per_seed[0]:
         values = [m[key] for m in per_seed]
