@@ -11,7 +11,7 @@ import numpy as np
 
 from stepdistill.data.emoji32 import load_emoji32
 from stepdistill.methods.common import LatentPromptData
-from stepdistill.teacher import load_teacher
+from stepdistill.teacher import WEIGHT_DTYPES, load_teacher
 from stepdistill.training.loop import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ def build_method(config_cls: type, method_cls: type, teacher_dir: Path, out: Pat
     base = {k: v for k, v in FAST_RUN.items() if k in fields}  # full-model trainers have no LoRA options
     cfg = config_cls(**{**base, "pretrained_teacher_model": str(teacher_dir), "output_dir": str(out), **options})
     cfg.validate()
-    teacher = load_teacher(teacher_dir, max_sequence_length=8)
+    teacher = load_teacher(teacher_dir, dtype=WEIGHT_DTYPES[cfg.teacher_weight_dtype], max_sequence_length=8)
     return method_cls(cfg, teacher, LatentPromptData(teacher, small_data()))
 
 

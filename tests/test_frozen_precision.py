@@ -1,5 +1,6 @@
 """--teacher_precision: the frozen (no-grad) teacher and target passes run under autocast, the student's
-training pass keeps the step's own precision, on the main thread and on LCM's side thread alike."""
+training pass keeps the step's own precision, on the main thread and on LCM's side thread alike.
+--teacher_weight_dtype: the teacher's weights stored in half precision, the trainable ones in fp32."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,6 +13,7 @@ from method_runs import FAST_RUN, small_data
 from stepdistill.config import parse_cli
 from stepdistill.errors import ConfigError
 from stepdistill.methods.common import LatentPromptData
+from stepdistill.methods.ladd import LADDConfig
 from stepdistill.methods.lcm import LCMConfig, LCMMethod
 from stepdistill.methods.progressive import ProgressiveConfig, ProgressiveMethod
 from stepdistill.teacher import load_teacher
@@ -107,3 +109,60 @@ def test_bf16_asked_for_on_a_cpu_that_emulates_it_warns_and_is_still_honoured(mo
     with pytest.warns(UserWarning, match="teacher_precision=bf16 on a cpu without native bf16"):
         with LCMConfig(teacher_precision="bf16").frozen_autocast(torch.device("cpu")):
             assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+
+
+
+
+@pytest.mark.parametrize("kind", ["sd", "flux_dev"])
+def test_lora_on_a_bf16_teacher_gets_the_fp32_teachers_gradient_in_fp32(random_teachers, tmp_path, kind):
+    """--teacher_weight_dtype bf16 loads the teacher pipeline in bf16 (half its memory); the LCM-LoRA adapter on
+    it stays fp32, and its gradient on one batch is the fp32 teacher's up to bf16 rounding."""
+    from method_runs import build_method
+
+    grads, losses = {}, {}
+    for dtype in ("fp32", "bf16"):
+        method = build_method(LCMConfig, LCMMethod, random_teachers / kind, tmp_path / dtype, teacher_weight_dtype=dtype,
+                              w_min=3.0, w_max=3.0, overlap_teacher=False)
+        net = method.student_net
+        with torch.no_grad():  # a trained-looking adapter: lora_B starts at zero, which would hide the fold
+            for name, p in net.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.02)
+        batch = method.make_batch(list(range(8)), torch.device("cpu"))
+        loss, _ = method.compute_loss(net, batch, StepRandom(0, 0, 0, 1, 8, torch.device("cpu")))
+        loss.backward()
+        trainable = [p for p in net.parameters() if p.requires_grad]
+        assert {p.dtype for p in trainable} == {torch.float32}
+        assert {p.dtype for p in net.parameters() if not p.requires_grad} == {torch.float32 if dtype == "fp32" else torch.bfloat16}
+        grads[dtype], losses[dtype] = torch.cat([p.grad.flatten() for p in trainable]), loss.item()
+    cosine = torch.nn.functional.cosine_similarity(grads["fp32"], grads["bf16"], dim=0)
+    assert cosine > 0.95 and abs(losses["bf16"] - losses["fp32"]) < 0.05 * losses["fp32"], (cosine, losses)
+
+def test_progressive_student_on_a_bf16_teacher_is_fp32_and_learns(random_teachers, tmp_path):
+    """A full fp32 student (and its EMA copy) beside a bf16 teacher: its 1-step samples approach the bf16
+    teacher's guided 2-step ones. (A flow teacher: an epsilon UNet's 1-step sample from pure noise enlarges
+    its errors 15x, which hides the progress of 60 steps on a random teacher.)"""
+    from method_runs import build_method
+    from stepdistill.sampling import sample_latents
+
+    method = build_method(ProgressiveConfig, ProgressiveMethod, random_teachers / "flux_dev", tmp_path / "run",
+                          teacher_weight_dtype="bf16", start_steps=2, end_steps=1, iterations_per_round=60,
+                          max_train_steps=0, learning_rate=1e-3, w_min=2.0, w_max=2.0, checkpointing_steps=1000)
+    assert {p.dtype for p in method.teacher.pipe.transformer.parameters()} == {torch.bfloat16}
+    assert {p.dtype for net in (method.student_net, method.ema_net) for p in net.parameters()} == {torch.float32}
+    prompts, start = ["rocket", "sun", "red apple", "hamster face"], torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(6))
+    target = sample_latents(method.teacher, prompts, 2, 3.0, start)
+    before = (method.sample(method.student_net, prompts, 1, start) - target).pow(2).mean()
+    run_training(method, method.cfg)
+    after = (method.sample(method.student_net, prompts, 1, start) - target).pow(2).mean()
+    assert after < 0.5 * before, (before, after)
+
+def test_folded_lora_refuses_a_half_precision_teacher_in_one_line():
+    for cls in (LCMConfig, LADDConfig):
+        with pytest.raises(ConfigError, match="^lora_forward=folded needs teacher_weight_dtype=fp32, not bf16 "):
+            parse_cli(cls, ["--use_lora", "true", "--lora_forward", "folded", "--teacher_weight_dtype", "bf16",
+                            "--output_dir", "unused"])
+
+def test_unknown_teacher_weight_dtype_is_refused():
+    with pytest.raises(ConfigError, match="^teacher_weight_dtype='int8' is not allowed; choose one of fp32, bf16, fp16"):
+        parse_cli(LCMConfig, ["--teacher_weight_dtype", "int8", "--output_dir", "unused"])

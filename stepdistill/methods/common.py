@@ -12,11 +12,12 @@ from typing import Any, Literal
 import torch
 from accelerate import Accelerator
 from diffusers import UNet2DConditionModel
+from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 
 from stepdistill.data.emoji32 import ImageCaptionSet
 from stepdistill.errors import ConfigError
-from stepdistill.teacher import PromptEmbeds, TeacherWrapper
+from stepdistill.teacher import WEIGHT_DTYPES, PromptEmbeds, TeacherWrapper
 from stepdistill.utils.images import grid_image, save_grid
 
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
@@ -45,6 +46,13 @@ class FrozenPassOptions:
         if precision == "same":
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
+
+
+@dataclass
+class TeacherWeightsOption:
+    """The dtype the teacher pipeline is loaded in, which every trainer offers."""
+
+    teacher_weight_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # dtype of the teacher pipeline's weights (denoiser, text encoders, VAE): bf16 halves a big teacher's memory (Flux's transformer: 24 instead of 48 GB), as diffusers' scripts do under --mixed_precision; trainable weights (adapter, full student, EMA copies) stay fp32
 
 
 @functools.cache
@@ -111,7 +119,8 @@ def load_teacher_and_data(cfg: Any) -> tuple[TeacherWrapper, LatentPromptData]:
     from stepdistill.teacher import load_teacher
     from stepdistill.testbed import resolve_teacher_path
 
-    teacher = load_teacher(resolve_teacher_path(cfg.pretrained_teacher_model), max_sequence_length=cfg.max_sequence_length)
+    teacher = load_teacher(resolve_teacher_path(cfg.pretrained_teacher_model), dtype=WEIGHT_DTYPES[cfg.teacher_weight_dtype],
+                           max_sequence_length=cfg.max_sequence_length)
     if cfg.enable_xformers_memory_efficient_attention:
         from stepdistill.training.accel import enable_xformers
 
@@ -195,6 +204,7 @@ def build_student(teacher: TeacherWrapper, cfg: Any, time_cond_proj_dim: int | N
             raise ConfigError(f"use_lora=true: {type(teacher.pipe).__name__} has no load_lora_weights, so a LoRA "
                               "student could not be loaded; train a full student (--use_lora false)")
         add_lora(teacher.model, cfg.lora_rank, cfg.lora_alpha, teacher.is_dit)
+        cast_training_params(teacher.model, torch.float32)  # the adapter trains in fp32 on a half-precision base
         student = teacher.model
     else:
         teacher.model.requires_grad_(False)

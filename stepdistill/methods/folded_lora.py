@@ -30,7 +30,7 @@ ADAPTER = "default"  # the adapter name diffusers' add_adapter gives
 @dataclass
 class LoraForwardOption:
     """The option the LoRA trainers share (LCM-LoRA, LADD-LoRA); their configs also have ``use_lora``,
-    ``gradient_checkpointing`` and (from the loop) ``torch_compile``."""
+    ``gradient_checkpointing``, ``teacher_weight_dtype`` and (from the loop) ``torch_compile``."""
 
     lora_forward: Literal["branched", "folded"] = "branched"  # LoRA training passes: folded runs each adapter folded into its base weight (faster on small networks on a CPU, slower on full-size ones; README); full students ignore it
 
@@ -43,6 +43,9 @@ class LoraForwardOption:
         if clash:
             raise ConfigError(f"lora_forward=folded cannot be combined with {clash[0]} (recomputed or compiled "
                               "passes would not see the folded weights); use lora_forward=branched")
+        if self.teacher_weight_dtype != "fp32":
+            raise ConfigError(f"lora_forward=folded needs teacher_weight_dtype=fp32, not {self.teacher_weight_dtype} (a "
+                              "half-precision fold rounds the update away); use lora_forward=branched")
 
 
 def _inner(net: torch.nn.Module) -> tuple[torch.nn.Module, str]:

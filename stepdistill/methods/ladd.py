@@ -20,7 +20,8 @@ from accelerate import Accelerator
 
 from stepdistill.errors import ConfigError
 from stepdistill.methods.adversarial import AdversarialOptions, AdversarialTerm
-from stepdistill.methods.common import LatentMethodBase, LatentPromptData, build_student, write_validation
+from stepdistill.methods.common import (LatentMethodBase, LatentPromptData, TeacherWeightsOption, build_student,
+                                       write_validation)
 from stepdistill.methods.export import STUDENT_META, read_student_meta, sampling_grid_meta, write_lora, write_model_card
 from stepdistill.methods.folded_lora import FoldedLora, LoraForwardOption, folded_runner
 from stepdistill.methods.synthetic import cached_teacher_latents
@@ -37,7 +38,7 @@ STUDENT_PREDICTIONS = ("auto", "epsilon", "sample", "v_prediction")
 
 
 @dataclass
-class LADDConfig(LoraForwardOption, AdversarialOptions, LoopConfig):
+class LADDConfig(LoraForwardOption, TeacherWeightsOption, AdversarialOptions, LoopConfig):
     """LADD options; loop, LoRA and data options are named as in the LCM trainer."""
 
     pretrained_teacher_model: str = "tiny-sd"  # shipped teacher name or diffusers pipeline folder

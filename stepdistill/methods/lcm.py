@@ -19,8 +19,8 @@ from diffusers import LatentConsistencyModelPipeline, LCMScheduler
 
 from stepdistill.errors import ConfigError
 from stepdistill.methods.adversarial import AdversarialOptions, AdversarialTerm
-from stepdistill.methods.common import (FrozenPassOptions, LatentMethodBase, LatentPromptData, adapters_disabled, build_student,
-                                       write_validation)
+from stepdistill.methods.common import (FrozenPassOptions, LatentMethodBase, LatentPromptData, TeacherWeightsOption,
+                                       adapters_disabled, build_student, write_validation)
 from stepdistill.methods.export import write_lora, write_model_card
 from stepdistill.methods.folded_lora import FoldedLora, LoraForwardOption, folded_runner
 from stepdistill.methods.target_adapter import AdapterEMA
@@ -34,7 +34,7 @@ from stepdistill.training.timing import timed
 
 
 @dataclass
-class LCMConfig(LoraForwardOption, FrozenPassOptions, AdversarialOptions, LoopConfig):
+class LCMConfig(LoraForwardOption, FrozenPassOptions, TeacherWeightsOption, AdversarialOptions, LoopConfig):
     """LCM / LCM-LoRA options; names follow diffusers' LCM distillation examples where they mean the same."""
 
     pretrained_teacher_model: str = "tiny-sd"  # shipped teacher name or diffusers pipeline folder

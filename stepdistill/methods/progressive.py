@@ -22,7 +22,8 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from stepdistill.errors import ConfigError
 from stepdistill.methods.adversarial import AdversarialOptions, AdversarialTerm
-from stepdistill.methods.common import FrozenPassOptions, LatentMethodBase, LatentPromptData, full_student, write_validation
+from stepdistill.methods.common import (FrozenPassOptions, LatentMethodBase, LatentPromptData, TeacherWeightsOption,
+                                       full_student, write_validation)
 from stepdistill.methods.export import STUDENT_META, replace_folder, sampling_grid_meta, write_model_card
 from stepdistill.methods.synthetic import cached_teacher_latents
 from stepdistill.solvers import (ddim_step, deterministic_grid, guidance_scale_embedding, halving_pairs, sample_ddim,
@@ -34,7 +35,7 @@ from stepdistill.training.timing import timed
 
 
 @dataclass
-class ProgressiveConfig(FrozenPassOptions, AdversarialOptions, LoopConfig):
+class ProgressiveConfig(FrozenPassOptions, TeacherWeightsOption, AdversarialOptions, LoopConfig):
     """Progressive distillation options; shared-loop options (learning rate, checkpoints, ...) as in LoopConfig."""
 
     pretrained_teacher_model: str = "tiny-sd"  # shipped teacher name or diffusers pipeline folder
