@@ -29,6 +29,14 @@ def test_sdxl_example_config_parses_and_only_its_paths_are_placeholders():
     assert cfg.resolution == 1024 and cfg.use_lora and cfg.lora_rank == 64 and cfg.mixed_precision == "bf16"
 
 
+def test_flux_example_config_parses_and_asks_for_half_precision_teacher_weights():
+    """The FLUX.1-dev example is for a user's own GPU run: LADD options, Flux's size and T5 length, a bf16 teacher."""
+    cfg = load_config(LADDConfig, CONFIGS / "examples" / "ladd_lora_flux_dev.yaml")
+    assert cfg.pretrained_teacher_model.startswith("path/to/") and cfg.dataset.startswith("path/to/")
+    assert cfg.resolution == 1024 and cfg.max_sequence_length == 512 and cfg.teacher_weight_dtype == "bf16"
+    assert cfg.use_lora and cfg.lora_forward == "branched" and cfg.gradient_checkpointing and cfg.real_data == "real"
+
+
 def test_best_progressive_recipe_plans_guidance_then_one_long_round():
     cfg = load_config(ProgressiveConfig, CONFIGS / "progressive_tiny_sd_gd.yaml")
     phases = plan_phases(cfg)

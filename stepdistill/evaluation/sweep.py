@@ -40,7 +40,7 @@ class SweepConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1])  # one image set per seed
     batch_size: int = 256  # images per pipeline call
     evaluator: str | None = None  # evaluator weights (default: the shipped one)
-    max_sequence_length: int = 8  # SD3 zero-T5 tokens of the testbed DiT
+    max_sequence_length: int = 8  # T5 tokens per prompt of SD3 / PixArt / Flux teachers (the testbed DiT: 8 zero tokens)
     latency_repeats: int = 5  # single-image calls timed per row (median)
     output_dir: str = "runs/sweep"  # results folder
 

@@ -63,7 +63,7 @@ class LADDConfig(LoraForwardOption, TeacherWeightsOption, AdversarialOptions, Lo
     timestep_scaling_factor: float = 10.0  # vp: LCMScheduler's boundary scaling, so the export samples identically
     gradient_checkpointing: bool = False  # trade compute for memory on big teachers
     enable_xformers_memory_efficient_attention: bool = False  # GPU only
-    max_sequence_length: int = 8  # SD3-class teachers: zero-T5 tokens (testbed DiT: 8)
+    max_sequence_length: int = 8  # T5 tokens per prompt of SD3 / PixArt / Flux teachers (their pipelines: 256 / 300 / 512; the testbed DiT: 8 zero tokens)
     validation_prompts: list[str] = field(default_factory=lambda: ["hamster face", "red apple", "rocket", "sun"])
 
     def validate(self) -> None:

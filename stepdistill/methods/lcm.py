@@ -57,7 +57,7 @@ class LCMConfig(LoraForwardOption, FrozenPassOptions, TeacherWeightsOption, Adve
     gradient_checkpointing: bool = False  # trade compute for memory on big teachers
     enable_xformers_memory_efficient_attention: bool = False  # GPU only
     overlap_teacher: bool | None = None  # teacher (and target) passes on a second CPU thread during the student's; keeps a frozen network copy as diffusers' script does (none: on for CPU runs with 2+ threads)
-    max_sequence_length: int = 8  # SD3-class teachers: zero-T5 tokens (testbed DiT: 8)
+    max_sequence_length: int = 8  # T5 tokens per prompt of SD3 / PixArt / Flux teachers (their pipelines: 256 / 300 / 512; the testbed DiT: 8 zero tokens)
     validation_prompts: list[str] = field(default_factory=lambda: ["hamster face", "red apple", "rocket", "sun"])
 
     def validate(self) -> None:

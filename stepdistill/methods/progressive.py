@@ -57,7 +57,7 @@ class ProgressiveConfig(FrozenPassOptions, TeacherWeightsOption, AdversarialOpti
     adversarial_weight: float = 0.0  # > 0: add LADD's discriminator loss on the student's x0 in the halving rounds (real side: the dataset; gan_loss, disc_* options)
     gradient_checkpointing: bool = False  # trade compute for memory on big teachers
     enable_xformers_memory_efficient_attention: bool = False  # GPU only
-    max_sequence_length: int = 8  # SD3-class teachers: zero-T5 tokens (testbed DiT: 8)
+    max_sequence_length: int = 8  # T5 tokens per prompt of SD3 / PixArt / Flux teachers (their pipelines: 256 / 300 / 512; the testbed DiT: 8 zero tokens)
     validation_prompts: list[str] = field(default_factory=lambda: ["hamster face", "red apple", "rocket", "sun"])
     max_train_steps: int = 0  # 0: guidance_distillation_steps + rounds x iterations_per_round (other values refused)
 
