@@ -370,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sampling_decoder", help="sampling part: an AutoencoderKL or AutoencoderTiny folder that every "
                         "pipeline decodes with instead of its own VAE (teacher and students alike), e.g. a TAESD")
     parser.add_argument("--max_sequence_length", type=int, default=8,
-                        help="SD3-class teachers: zero-T5 tokens per prompt, as in the sweep (testbed DiT: 8)")
+                        help="T5 tokens per prompt of SD3, PixArt and Flux teachers, as in the sweep (testbed DiT: 8)")
     parser.add_argument("--reference_script", help="diffusers' train_lcm_distill_lora_sd_wds.py (reference part)")
     parser.add_argument("--reference_pairs", type=int, default=1,
                         help="reference part: back-to-back pairs of runs (reference, then ours); medians are reported")

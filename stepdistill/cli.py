@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--steps", type=int, default=50, help="solver steps")
     sample.add_argument("--guidance_scale", type=float, default=4.0, help="classifier-free guidance scale")
     sample.add_argument("--seeds", type=int, default=2, help="rows of the grid, one seed each")
-    sample.add_argument("--max_sequence_length", type=int, default=8, help="SD3 zero-T5 tokens (testbed: 8)")
+    sample.add_argument("--max_sequence_length", type=int, default=8, help="T5 tokens per prompt of SD3, PixArt and Flux teachers (testbed DiT: 8)")
     sample.add_argument("--scale", type=int, default=3, help="pixel upscaling of the PNG")
     sample.add_argument("--out", default="samples.png", help="output PNG path")
     sample.set_defaults(run=_sample)
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--host", default="127.0.0.1", help="interface to bind (default: localhost only)")
     demo.add_argument("--port", type=int, default=7860, help="port")
     demo.add_argument("--max_queue", type=int, default=64, help="requests waiting at most; more are refused")
-    demo.add_argument("--max_sequence_length", type=int, default=8, help="SD3 zero-T5 tokens (testbed: 8)")
+    demo.add_argument("--max_sequence_length", type=int, default=8, help="T5 tokens per prompt of SD3, PixArt and Flux teachers (testbed DiT: 8)")
     demo.add_argument("--decoder", help="an AutoencoderKL or AutoencoderTiny folder (e.g. a TAESD) that the teacher "
                       "and every student decode with instead of the pipeline's VAE")
     demo.set_defaults(run=_demo)
