@@ -157,3 +157,29 @@ def test_demo_shows_a_flux_teacher_beside_its_lora_student(random_teachers, tmp_
                                                           *[("ladd", k, k) for k in (1, 2, 3, 4, 8)]]
     pixels = [np.asarray(s.image, dtype=np.float32) for s in shots]
     assert all(s.image.size == (256, 256) for s in shots) and np.abs(pixels[0] - pixels[1]).mean() > 1
+
+
+@KINDS
+def test_sampling_parts_time_a_guided_flux_step_as_its_pipeline_runs_it(request, monkeypatch, kind):
+    """The speed benchmark's ``cfg_pass`` is one guided evaluation as FluxPipeline runs it: two passes one
+    after the other (true CFG), or one pass reading the scale through the guidance embedding."""
+    import stepdistill.evaluation.sampling_parts as parts_module
+    from stepdistill.teacher import TeacherWrapper
+
+    with pytest.warns(UserWarning, match="T5 tokens"):
+        teacher = TeacherWrapper(request.getfixturevalue(f"{kind}_pipe"), max_sequence_length=8)
+    calls: list[int] = []
+    teacher.model.register_forward_pre_hook(lambda _m, args, kwargs: calls.append(kwargs["hidden_states"].shape[0]),
+                                            with_kwargs=True)
+    counted = {}
+
+    def once(fn, _repeats):  # each part called once, its denoiser calls (and their batch sizes) recorded
+        calls.clear()
+        fn()
+        counted[len(counted)] = list(calls)
+        return 1.0
+
+    monkeypatch.setattr(parts_module, "median_ms", once)
+    parts_module.sampling_parts_ms(teacher, batch_size=2, repeats=1)
+    by_part = dict(zip(["encode", "encode_cfg", "pass", "cfg_pass", "decode"], counted.values()))
+    assert by_part["pass"] == [2] and by_part["cfg_pass"] == ([2] if kind == "flux_dev" else [2, 2])

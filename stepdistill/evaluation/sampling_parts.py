@@ -37,8 +37,9 @@ def median_ms(fn: Callable[[], object], repeats: int) -> float:
 def sampling_parts_ms(teacher: TeacherWrapper, batch_size: int, guidance_scale: float = 4.0,
                       repeats: int = 5) -> dict[str, float]:
     """Milliseconds per call at ``batch_size`` images: ``encode`` (the prompts), ``encode_cfg`` (prompts and
-    the empty prompt), ``pass`` (one denoiser evaluation), ``cfg_pass`` (one guided evaluation: a batch of
-    2 x ``batch_size``) and ``decode`` (the VAE)."""
+    the empty prompt), ``pass`` (one denoiser evaluation), ``cfg_pass`` (one guided evaluation as the pipeline
+    runs it: a batch of 2 x ``batch_size``; two passes one after the other for Flux's true CFG; one pass where
+    a guidance embedding reads the scale) and ``decode`` (the VAE)."""
     prompts = ["rocket"] * batch_size
     x = initial_noise(teacher, batch_size, seed=0).to(next(teacher.model.parameters()).device)
     t = torch.full((batch_size,), teacher.schedule.num_train_timesteps // 2)
@@ -49,7 +50,8 @@ def sampling_parts_ms(teacher: TeacherWrapper, batch_size: int, guidance_scale: 
         "encode_cfg": median_ms(lambda: (teacher.encode_uncached(prompts), teacher.encode_uncached([""] * batch_size)),
                                 repeats),  # a pipeline encodes the negative prompts in a second call
         "pass": median_ms(lambda: teacher.predict(x, t, embeds), repeats),
-        "cfg_pass": median_ms(lambda: teacher.predict(x, t, embeds, guidance_scale, uncond=uncond), repeats),
+        "cfg_pass": median_ms(lambda: teacher.predict(x, t, embeds, guidance_scale, uncond=uncond,
+                                                      batched_guidance=not teacher.is_flux), repeats),
         "decode": median_ms(lambda: decode(teacher, x), repeats),
     }
 
