@@ -9,9 +9,7 @@ from stepdistill.teacher import TeacherWrapper
 
 def latent_shape(teacher: TeacherWrapper) -> tuple[int, int, int]:
     """(C, H, W) of the denoiser's latents, read from its config."""
-    config = teacher.model.config if hasattr(teacher.model, "config") else teacher.pipe.unet.config
-    channels = config.in_channels // 4 if teacher.is_flux else config.in_channels  # Flux packs 2x2 patches
-    return channels, teacher.latent_size, teacher.latent_size
+    return teacher.latent_channels, teacher.latent_size, teacher.latent_size
 
 
 def initial_noise(teacher: TeacherWrapper, batch: int, seed: int) -> torch.Tensor:

@@ -27,23 +27,23 @@ class NoiseSchedule:
     _device_tables: dict[torch.device, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
-    def from_scheduler(cls, scheduler: SchedulerMixin, image_seq_len: int | None = None) -> NoiseSchedule:
+    def from_scheduler(cls, scheduler: SchedulerMixin, image_seq_len: int | None = None,
+                       uniform_sigmas: bool = False) -> NoiseSchedule:
         """Read the schedule from any diffusers scheduler, reusing diffusers' own beta computations.
 
-        ``image_seq_len``: Flux's token count. A Flux pipeline passes its scheduler a shift that grows with the
-        image's size (``use_dynamic_shifting``) and samples from uniform sigmas; both are fixed here for the
-        latents this teacher is trained and sampled at."""
+        Flow schedulers with ``use_dynamic_shifting`` (Flux's) are shifted by an amount that grows with the
+        image's token count, ``image_seq_len``, fixed here for the latents the teacher is trained and sampled
+        at; ``uniform_sigmas``: the pipeline samples from sigmas 1, (N-1)/N, ..., 1/N."""
         config = scheduler.config
         if type(scheduler).__name__ in FLOW_SCHEDULERS:
+            shift = float(config.get("shift", 1.0))
             if image_seq_len is not None and config.get("use_dynamic_shifting", False):
                 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-                mu = calculate_shift(image_seq_len, config.get("base_image_seq_len", 256),
-                                     config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
-                                     config.get("max_shift", 1.15))
-                return cls("flow", config.num_train_timesteps, shift=math.exp(mu), uniform_sigmas=True)
-            return cls("flow", config.num_train_timesteps, shift=float(config.get("shift", 1.0)),
-                       uniform_sigmas=image_seq_len is not None)
+                shift = math.exp(calculate_shift(image_seq_len, config.get("base_image_seq_len", 256),
+                                                 config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                                                 config.get("max_shift", 1.15)))
+            return cls("flow", config.num_train_timesteps, shift=shift, uniform_sigmas=uniform_sigmas)
         ddpm = DDPMScheduler.from_config(config)
         acp = ddpm.alphas_cumprod.double()
         final = 1.0 if config.get("set_alpha_to_one", True) else float(acp[0])

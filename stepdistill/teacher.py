@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import DiffusionPipeline, FluxPipeline
 
 from stepdistill.errors import ModelError
 from stepdistill.schedule import NoiseSchedule
@@ -149,8 +149,6 @@ def _call_flux_transformer(model: torch.nn.Module, x: torch.Tensor, t: torch.Ten
     """Flux reads its latents as a sequence of 2x2 patches with rotary (0, row, column) ids, its prompt tokens
     with all-zero ids, and timesteps as noise levels in [0, 1]. The patches are packed and unpacked with
     FluxPipeline's own helpers, so the wrapper keeps image-shaped latents like every other denoiser."""
-    from diffusers import FluxPipeline
-
     batch, channels, height, width = x.shape
     image_ids = FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, x.device, x.dtype)
     text_ids = torch.zeros(embeds.hidden.shape[1], 3, device=x.device, dtype=x.dtype)
@@ -217,7 +215,9 @@ class TeacherWrapper:
         self.embedded_guidance = self.is_flux and bool(denoiser.config.get("guidance_embeds", False))
         self._call = (functools.partial(_call_sdxl_unet, pixels_per_latent=pipe.vae_scale_factor) if self.is_sdxl
                       else DENOISER_CALLS[self.denoiser_class])
-        self.schedule = NoiseSchedule.from_scheduler(pipe.scheduler, image_seq_len=self._image_tokens())
+        # Flux pipelines sample from uniform sigmas, shifted by an amount that depends on the image's token count
+        self.schedule = NoiseSchedule.from_scheduler(pipe.scheduler, image_seq_len=self._image_tokens(),
+                                                     uniform_sigmas=self.is_flux)
         self.prediction_type = prediction_type or self._infer_prediction_type()
         if self.prediction_type not in PREDICTION_TYPES:
             raise ModelError(f"prediction type {self.prediction_type!r} is not known; allowed: {', '.join(PREDICTION_TYPES)}")
@@ -233,10 +233,16 @@ class TeacherWrapper:
     @property
     def latent_size(self) -> int:
         """Height (= width) of the denoiser's latents at the VAE's native resolution."""
-        config = self.pipe.transformer.config if self.is_dit else self.pipe.unet.config
+        config = getattr(self.pipe, self.denoiser_name).config
         if config.get("sample_size") is not None:
             return config.sample_size
         return self.pipe.vae.config.sample_size // self.pipe.vae_scale_factor  # Flux's config has no sample size
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the image-shaped latents the wrapper takes (Flux's network reads them packed, 4x as many)."""
+        config = getattr(self.pipe, self.denoiser_name).config
+        return config.in_channels // 4 if self.is_flux else config.in_channels
 
     def _image_tokens(self) -> int | None:
         """Flux: the packed latent's token count, which sets its scheduler's dynamic shift; else None."""

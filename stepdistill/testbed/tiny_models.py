@@ -120,10 +120,9 @@ def tiny_flux_transformer(joint_attention_dim: int = 128, pooled_projection_dim:
 
 
 def flux_scheduler() -> FlowMatchEulerDiscreteScheduler:
-    """Flux's scheduler config: the shift follows the image's token count (``use_dynamic_shifting``)."""
-    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
-                                           base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
-                                           max_image_seq_len=4096)
+    """Flux's scheduler config: the shift follows the image's token count (``use_dynamic_shifting``, with
+    diffusers' defaults, which are Flux's), so the static ``shift`` is unused."""
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
 
 
 def sd15_scheduler() -> DDIMScheduler:
