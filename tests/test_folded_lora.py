@@ -117,3 +117,52 @@ def test_a_network_whose_weights_are_not_its_parameters_is_refused(lora_unet):
     base.weight = view
     with pytest.raises(ConfigError, match=r"cannot run a UNet2DConditionModel \(no parameter .*base_layer.weight.*use lora_forward=branched"):
         FoldedLora(lora_unet)
+
+
+def test_the_base_twin_shares_the_networks_tensors_and_runs_its_base(lora_unet):
+    """Plain networks run folded through a twin without LoRA layers: it must cost no tensor memory, follow the
+    network's updates and compute exactly what the network computes with its adapters off."""
+    from peft.tuners.lora import LoraLayer
+
+    twin = FoldedLora(lora_unet).base_network()
+    assert not any(isinstance(m, LoraLayer) for m in twin.modules())
+    own = {id(p) for p in lora_unet.parameters()}
+    assert all(id(p) in own for p in twin.parameters())
+    assert sum(p.numel() for p in twin.parameters()) == sum(p.numel() for name, p in lora_unet.named_parameters()
+                                                            if "lora_" not in name)
+    x, t, text = unet_inputs(lora_unet)
+    with torch.no_grad():
+        lora_unet.disable_adapters()
+        base = lora_unet(x, t, encoder_hidden_states=text).sample
+        lora_unet.enable_adapters()
+        assert torch.equal(twin(x, t, encoder_hidden_states=text).sample, base)
+        lora_unet.conv_out.weight.mul_(2.0)  # an in-place change of the network reaches the twin
+        assert not torch.equal(twin(x, t, encoder_hidden_states=text).sample, base)
+
+
+def test_a_folded_call_of_a_plain_network_never_switches_its_adapters(lora_unet, monkeypatch):
+    """LCM's side thread runs the student's network while the main thread's folded pass runs: the pass must not
+    switch the shared network's adapters (peft's switch is what a DDP-wrapped network still needs)."""
+    from peft.tuners.lora import LoraLayer
+
+    switches = []
+    monkeypatch.setattr(LoraLayer, "enable_adapters", lambda self, on: switches.append(on))
+    x, t, text = unet_inputs(lora_unet)
+    out = FoldedLora(lora_unet)(x, t, encoder_hidden_states=text).sample
+    out.sum().backward()
+    assert switches == []
+    assert all(p.grad is not None for name, p in lora_unet.named_parameters() if "lora_" in name)
+
+
+def test_the_base_twin_is_rebuilt_when_a_device_move_replaces_buffers(sd3_pipe):
+    """``module.to(device)`` keeps parameter objects but replaces buffers (SD3's position table): a twin built
+    before the move would run the old buffers."""
+    net = copy.deepcopy(sd3_pipe.transformer).float()
+    add_lora(net, 4, 8.0, is_dit=True)
+    folded = FoldedLora(net)
+    before = folded.base_network()
+    net._apply(lambda tensor: tensor.clone())  # what a move does to the tensors, on a CPU-only machine
+    after = folded.base_network()
+    assert after is not before
+    assert after.pos_embed.pos_embed is net.pos_embed.pos_embed is not before.pos_embed.pos_embed
+    assert folded.base_network() is after  # not rebuilt per call

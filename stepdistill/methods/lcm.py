@@ -251,9 +251,12 @@ class LCMMethod(LatentMethodBase):
     def _teacher_solver_step(self, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, embeds: PromptEmbeds,
                              w: torch.Tensor) -> torch.Tensor:
         """One guided teacher DDIM (flow: Euler) step from t to t_prev; the teacher is the frozen network, or
-        the LoRA network with its adapter disabled."""
+        the LoRA network with its adapter disabled (folded: its base twin, which has no adapter layers)."""
         net = self.side_net if self.side_net is not None else self.teacher.model
-        with adapters_disabled(net, self.cfg.use_lora), self.cfg.frozen_autocast(x_t.device):
+        plain = id(net) in self.folded
+        if plain:
+            net = self.folded[id(net)].base_network()
+        with adapters_disabled(net, self.cfg.use_lora and not plain), self.cfg.frozen_autocast(x_t.device):
             # on the side thread the two guidance passes run one after the other: as fast there, less memory at once
             teacher_pred = self.teacher.with_model(net).predict(x_t, t, embeds, guidance_scale=w + 1,
                                                                 batched_guidance=self.side is None)
@@ -275,9 +278,10 @@ class LCMMethod(LatentMethodBase):
         return self.target_adapter.module() if self.target_adapter is not None else self.teacher.model
 
     def _folded_target(self) -> FoldedLora:
-        """lora_forward=folded: the target network folded. With a side thread it is the side copy, since the
-        student's own folded pass switches the student's adapter off meanwhile: folded with its own adapter
-        (the EMA, when it holds one) or with the student's live tensors (read here, on the main thread)."""
+        """lora_forward=folded: the target network folded. With a side thread it is the side copy, whose runner
+        the side thread alone uses (a folded call swaps tensors into its runner's network for the call): folded
+        with its own adapter (the EMA, when it holds one) or with the student's live tensors (read here, on the
+        main thread)."""
         if self.side_net is not None:
             side = self.folded[id(self.side_net)]
             if self.target_adapter is not None:
