@@ -106,8 +106,7 @@ class FoldedLora(torch.nn.Module):
             raise ConfigError(f"lora_forward=folded cannot run a {type(net).__name__} (no parameter {missing[0]!r}); "
                               "it runs plain and DDP networks: use lora_forward=branched")
         # the base twin runs plain networks (built at first use, after any device move); DDP runs as it is
-        self._twin: torch.nn.Module | None = None
-        self._twin_buffers: list[torch.Tensor] = []
+        self._twin = None if self._prefix else BaseTwin(net)
         if not self._prefix:
             self._twin_keys = [key.replace(".base_layer.weight", ".weight") for key, _, _ in self._keys]
 
@@ -120,15 +119,11 @@ class FoldedLora(torch.nn.Module):
         return other
 
     def base_network(self) -> torch.nn.Module:
-        """The base twin: the network without its LoRA layers, sharing every tensor (for a LoRA method, the
-        teacher). Rebuilt when a device move has replaced the network's buffers. Not for DDP-wrapped networks."""
-        if self._prefix:
+        """The network without its LoRA layers, sharing every tensor (:class:`BaseTwin`). Not for DDP-wrapped
+        networks."""
+        if self._twin is None:
             raise ValueError("a DDP-wrapped network has no base twin; run it through its wrapper")
-        buffers = list(self.net.buffers())
-        if self._twin is None or len(buffers) != len(self._twin_buffers) or any(
-                a is not b for a, b in zip(buffers, self._twin_buffers)):
-            self._twin, self._twin_buffers = base_twin(self.net), buffers
-        return self._twin
+        return self._twin()
 
     @property
     def config(self) -> Any:
@@ -156,6 +151,24 @@ class FoldedLora(torch.nn.Module):
         twin = self.base_network()
         return functional_call(twin, dict(zip(self._twin_keys, self._folds())), args, kwargs, strict=False,
                                tie_weights=False)
+
+
+class BaseTwin:
+    """A peft-LoRA network's base network (for a LoRA method, the teacher) as a plain module of its own,
+    :func:`base_twin`, built at first use and again when a device move has replaced the network's buffers
+    (``module.to`` keeps parameter objects but not buffer objects). One per thread that runs it: a folded call
+    swaps tensors into the twin for the call's length."""
+
+    def __init__(self, net: torch.nn.Module):
+        self.net = net
+        self._twin: torch.nn.Module | None = None
+        self._buffers: list[torch.Tensor] = []
+
+    def __call__(self) -> torch.nn.Module:
+        buffers = list(self.net.buffers())
+        if self._twin is None or len(buffers) != len(self._buffers) or any(a is not b for a, b in zip(buffers, self._buffers)):
+            self._twin, self._buffers = base_twin(self.net), buffers
+        return self._twin
 
 
 def base_twin(net: torch.nn.Module) -> torch.nn.Module:

@@ -20,9 +20,9 @@ from diffusers import LatentConsistencyModelPipeline, LCMScheduler
 from stepdistill.errors import ConfigError
 from stepdistill.methods.adversarial import AdversarialOptions, AdversarialTerm
 from stepdistill.methods.common import (FrozenPassOptions, LatentMethodBase, LatentPromptData, TeacherWeightsOption,
-                                       adapters_disabled, build_student, write_validation)
+                                       build_student, write_validation)
 from stepdistill.methods.export import write_lora, write_model_card
-from stepdistill.methods.folded_lora import FoldedLora, LoraForwardOption, folded_runner
+from stepdistill.methods.folded_lora import BaseTwin, FoldedLora, LoraForwardOption, folded_runner
 from stepdistill.methods.target_adapter import AdapterEMA
 from stepdistill.solvers import (consistency_output, ddim_step, guidance_scale_embedding, lcm_inference_timesteps,
                                  lcm_skip_timesteps, sample_consistency)
@@ -132,6 +132,9 @@ class LCMMethod(LatentMethodBase):
         elif cfg.use_target_network:
             self.target_adapter = AdapterEMA(self.student_net, cfg.ema_decay, holder=self.side_net)
         self.adversarial = AdversarialTerm(teacher, base, cfg, cfg.use_lora, cfg.seed) if cfg.adversarial_weight > 0 else None
+        # LoRA: the teacher passes run the base twin of the network they use (no peft layers: less Python, which
+        # on the side thread holds the GIL that the student's pass waits for)
+        self.teacher_base = BaseTwin(self.side_net if self.side_net is not None else self.student_net) if cfg.use_lora else None
         self.folded: dict[int, FoldedLora] = {}  # lora_forward=folded: each network's folded runner, by id
         if cfg.lora_forward == "folded" and cfg.use_lora:
             for net in (self.student_net, self.side_net):
@@ -251,12 +254,9 @@ class LCMMethod(LatentMethodBase):
     def _teacher_solver_step(self, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, embeds: PromptEmbeds,
                              w: torch.Tensor) -> torch.Tensor:
         """One guided teacher DDIM (flow: Euler) step from t to t_prev; the teacher is the frozen network, or
-        the LoRA network with its adapter disabled (folded: its base twin, which has no adapter layers)."""
-        net = self.side_net if self.side_net is not None else self.teacher.model
-        plain = id(net) in self.folded
-        if plain:
-            net = self.folded[id(net)].base_network()
-        with adapters_disabled(net, self.cfg.use_lora and not plain), self.cfg.frozen_autocast(x_t.device):
+        the LoRA network's base twin (the network without its adapter layers)."""
+        net = self.teacher_base() if self.teacher_base is not None else self.teacher.model
+        with self.cfg.frozen_autocast(x_t.device):
             # on the side thread the two guidance passes run one after the other: as fast there, less memory at once
             teacher_pred = self.teacher.with_model(net).predict(x_t, t, embeds, guidance_scale=w + 1,
                                                                 batched_guidance=self.side is None)
