@@ -14,7 +14,7 @@ from accelerate import Accelerator
 
 from stepdistill.discriminator import DiscriminatorHeads, discriminator_loss, generator_loss, r1_penalty
 from stepdistill.errors import ConfigError
-from stepdistill.methods.common import adapters_disabled
+from stepdistill.methods.folded_lora import BaseTwin
 from stepdistill.sampling import latent_shape
 from stepdistill.teacher import PromptEmbeds, TeacherWrapper
 from stepdistill.training.nonfinite import step_unless_nonfinite
@@ -59,6 +59,7 @@ class AdversarialTerm:
     def __init__(self, teacher: TeacherWrapper, feature_net: torch.nn.Module, opts: AdversarialOptions,
                  lora_student: bool, seed: int):
         self.teacher, self.feature_net, self.opts, self.lora_student = teacher, feature_net, opts, lora_student
+        self.feature_base = BaseTwin(feature_net) if lora_student else None  # the teacher without peft's layers
         if not lora_student:
             feature_net.requires_grad_(False)  # a separate frozen teacher: gradients only pass through it
         probe_x = torch.zeros(1, *latent_shape(teacher), device=next(feature_net.parameters()).device)
@@ -78,9 +79,9 @@ class AdversarialTerm:
         self.prepared_heads, self.optimizer = accelerator.prepare(self.heads, self.optimizer)
 
     def features(self, x: torch.Tensor, t: torch.Tensor, embeds: PromptEmbeds) -> list[torch.Tensor]:
-        """Frozen teacher features; in LoRA mode the teacher is the student network without its adapter."""
-        with adapters_disabled(self.feature_net, self.lora_student):
-            return self.teacher.with_model(self.feature_net).features(x, t, embeds)
+        """Frozen teacher features; in LoRA mode the teacher is the student network's base twin (no adapter layers)."""
+        net = self.feature_base() if self.feature_base is not None else self.feature_net
+        return self.teacher.with_model(net).features(x, t, embeds)
 
     def renoise(self, x0: torch.Tensor, rand: StepRandom) -> tuple[torch.Tensor, torch.Tensor]:
         """x_s = alpha_s x0 + sigma_s eps with s/T drawn from a logit-normal (LADD sec. 3.2)."""
