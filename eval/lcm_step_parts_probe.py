@@ -4,14 +4,20 @@ through peft's adapter branches and with each adapter folded into its base weigh
 
     python eval/lcm_step_parts_probe.py --threads 1 --batch 16    # one process of a 2-process CPU run
     python eval/lcm_step_parts_probe.py --threads 2 --batch 32
+    python eval/lcm_step_parts_probe.py --threads 1 --batch 32 --beside   # also beside a busy second thread
 
 Why: the speed comparison with diffusers' reference script is decided by these passes, and whether folding
 pays depends on the network's size and the thread count; this shows it on your machine.
-Nothing is written; medians of ``--repeats`` timed calls are printed in milliseconds.
+Nothing is written; medians of ``--repeats`` timed calls are printed in milliseconds. ``--beside`` times the
+student's folded pass again while a second thread (one torch thread) loops what LCM's side thread runs, the
+teacher's guided step and the target pass, and then a plain matrix product: a pass that slows beside the
+first but not beside the second is waiting for the GIL, not for the hardware.
 """
 from __future__ import annotations
 
 import argparse
+import threading
+import time
 
 import torch
 
@@ -29,6 +35,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--beside", action="store_true", help="also time the folded student pass beside a busy thread")
     args = parser.parse_args()
     if args.threads < 1 or args.batch < 1 or args.repeats < 1:
         raise SystemExit(f"error: --threads {args.threads}, --batch {args.batch} and --repeats {args.repeats} "
@@ -79,6 +86,33 @@ def main() -> None:
                      ("target pass, branched", lambda: target(model)),
                      ("target pass, folded", lambda: target(folded))]:
         print(f"{name:36s} {median_ms(fn, args.repeats):8.1f} ms", flush=True)
+    if args.beside:
+        side_folded = FoldedLora(model)  # a runner (and twin) of the second thread's own, as in training
+        side_work = {"the side thread's passes": lambda: (teacher_step(), target(side_folded)),
+                     "a matrix product": lambda: torch.randn(1024, 1024) @ torch.randn(1024, 1024)}
+        for name, work in side_work.items():
+            print(f"student folded, beside {name:22s} {beside(work, lambda: student_forward_backward(folded), args.repeats):8.1f} ms",
+                  flush=True)
+
+
+def beside(work, fn, repeats: int) -> float:
+    """Median ms of ``fn`` while another thread runs ``work`` in a loop on one torch thread."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            while not stop.is_set():
+                work()
+
+    thread = threading.Thread(target=loop)
+    thread.start()
+    time.sleep(0.5)  # let the loop get going
+    try:
+        return median_ms(fn, repeats)
+    finally:
+        stop.set()
+        thread.join()
 
 
 if __name__ == "__main__":
