@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import socket
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np

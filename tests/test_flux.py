@@ -4,7 +4,6 @@ trainers' own samplers do, and training moves a student towards its teacher."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import diffusers
 import pytest
@@ -15,7 +14,7 @@ from method_runs import train_method
 from stepdistill.methods.ladd import LADDConfig, LADDMethod
 from stepdistill.methods.lcm import LCMConfig, LCMMethod
 from stepdistill.methods.progressive import ProgressiveConfig, ProgressiveMethod
-from stepdistill.solvers import uniform_call_sigmas
+from stepdistill.solvers import lcm_call_sigmas, uniform_call_sigmas
 from stepdistill.teacher import pipeline_guidance, pipeline_latents
 
 pytestmark = pytest.mark.filterwarnings("ignore:max_sequence_length=8 cuts every prompt")
@@ -29,7 +28,9 @@ def noise(seed: int) -> torch.Tensor:
 
 def pipeline_sample(pipe: FluxPipeline, meta: dict, steps: int, latents: torch.Tensor, guidance: float = 1.0) -> torch.Tensor:
     """What a user's FluxPipeline call returns for the student, unpacked to image-shaped latents."""
-    sigmas = {"sigmas": uniform_call_sigmas(steps)} if meta.get("sigma_grid") == "uniform" else {}
+    grid = meta.get("sigma_grid")
+    sigmas = ({"sigmas": uniform_call_sigmas(steps)} if grid == "uniform" else
+              {"sigmas": lcm_call_sigmas(steps, meta["original_inference_steps"])} if grid == "lcm" else {})
     packed = pipe(PROMPTS, num_inference_steps=steps, output_type="latent", max_sequence_length=8,
                   generator=torch.Generator().manual_seed(1), **sigmas, **pipeline_guidance(pipe, guidance),
                   **pipeline_latents(pipe, latents)).images
@@ -40,7 +41,7 @@ def pipeline_sample(pipe: FluxPipeline, meta: dict, steps: int, latents: torch.T
 def test_lcm_lora_loads_into_a_fresh_flux_pipeline_with_the_trained_adapter(random_teachers, tmp_path, kind):
     method = train_method(LCMConfig, LCMMethod, random_teachers / kind, tmp_path / "run", w_min=3.0, w_max=3.0)
     meta = json.loads((tmp_path / "run" / "lora" / "stepdistill_student.json").read_text())
-    assert meta["teacher_class"] == "FluxPipeline" and meta.get("scheduler") is None
+    assert meta["teacher_class"] == "FluxPipeline" and meta["scheduler"] == "FlowMatchLCMScheduler"
     fresh = FluxPipeline.from_pretrained(random_teachers / kind, dtype=torch.float32)
     x, t = noise(0), torch.tensor([999, 500])
     embeds = method.teacher.encode_prompts(PROMPTS)
@@ -50,6 +51,12 @@ def test_lcm_lora_loads_into_a_fresh_flux_pipeline_with_the_trained_adapter(rand
     trained = method.teacher.with_model(method.student_net).predict(x, t, embeds).x0
     torch.testing.assert_close(loaded, trained, atol=1e-5, rtol=1e-4)
     assert (loaded - plain).abs().max() > 1e-3  # the adapter was trained and is really loaded
+    # sampled as the model card says: FlowMatchLCMScheduler, unshifted, on the LCM grid (re-noising draws in the
+    # packed layout, so only the 1-step sample is compared image by image, as for LADD's stochastic sampler)
+    fresh.scheduler = getattr(diffusers, meta["scheduler"]).from_config(fresh.scheduler.config, **meta["scheduler_kwargs"])
+    fresh.set_progress_bar_config(disable=True)
+    ours = method.sample(method.student_net, PROMPTS, 1, noise(3), seed=1)
+    torch.testing.assert_close(pipeline_sample(fresh, meta, 1, noise(3)), ours, atol=2e-4, rtol=1e-4)
 
 
 @KINDS

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,7 @@ def test_lora_export_loads_into_fresh_pipeline_with_the_trained_scale(random_tea
     torch.testing.assert_close(loaded, trained, atol=1e-5, rtol=1e-4)
     assert (loaded - plain).abs().max() > 1e-3  # the LoRA changes the output
     meta = json.loads((lora_dir / "stepdistill_student.json").read_text())
-    assert meta.get("scheduler") == ("LCMScheduler" if kind != "sd3" else None)
+    assert meta.get("scheduler") == ("LCMScheduler" if kind != "sd3" else "FlowMatchLCMScheduler")
     assert "load_lora_weights" in (lora_dir / "README.md").read_text()
     fresh.fuse_lora()
     fused = teacher.with_model(denoiser()).predict(x, t, embeds).eps
@@ -62,6 +63,53 @@ def test_full_student_pipeline_matches_our_sampler(random_teachers, tmp_path, ki
     theirs = pipe(prompts, num_inference_steps=4, guidance_scale=5.0 if kind != "pixart" else guidance, latents=noise,
                   output_type="latent", generator=torch.Generator().manual_seed(7), **method.teacher.pipeline_call_kwargs()).images
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("use_lora", [True, False], ids=["lora", "full"])
+def test_flow_student_samples_in_its_pipeline_as_in_our_sampler(random_teachers, tmp_path, use_lora):
+    """A flow (SD3) LCM student, loaded as its model card says (FlowMatchLCMScheduler at shift 1, the LCM grid as
+    ``sigmas``), samples what stepdistill's consistency sampler does, fresh noise included; the teacher's own
+    Euler scheduler on its default grid, which is what loading the LoRA alone gives, does not."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler
+
+    from stepdistill.evaluation.generate import load_student
+    from stepdistill.solvers import lcm_call_sigmas
+
+    method = train(random_teachers / "sd3", tmp_path / "run", use_lora=use_lora, w_min=3.0, w_max=3.0)
+    folder = tmp_path / "run" / ("lora" if use_lora else "pipeline")
+    card = (folder / "README.md").read_text()
+    assert re.search(r"num_inference_steps=4, sigmas=\[1\.0, 0\.76, 0\.5, 0\.26\], guidance_scale=1(\.0)?\)", card)
+    extra = {"text_encoder_3": None, "tokenizer_3": None}
+    if use_lora:
+        assert "FlowMatchLCMScheduler.from_config(pipe.scheduler.config, shift=1.0, use_dynamic_shifting=False)" in card
+        pipe = StableDiffusion3Pipeline.from_pretrained(random_teachers / "sd3", dtype=torch.float32, **extra)
+        teacher_scheduler = pipe.scheduler
+        pipe.scheduler = FlowMatchLCMScheduler.from_config(pipe.scheduler.config, shift=1.0, use_dynamic_shifting=False)
+        pipe.load_lora_weights(str(folder))
+        net = method.student_net
+    else:
+        pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch.float32, **extra)
+        assert isinstance(pipe, StableDiffusion3Pipeline) and isinstance(pipe.scheduler, FlowMatchLCMScheduler)
+        teacher_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(random_teachers / "sd3", subfolder="scheduler")
+        net = method.target_net
+    pipe.set_progress_bar_config(disable=True)
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    prompts, call = ["rocket", "sun"], method.teacher.pipeline_call_kwargs()
+
+    def pipeline_latents(steps: int, **kwargs) -> torch.Tensor:
+        torch.manual_seed(7)  # FlowMatchLCMScheduler draws its fresh noise from the global generator
+        return pipe(prompts, num_inference_steps=steps, guidance_scale=1.0, latents=noise, output_type="latent",
+                    **kwargs, **call).images
+
+    for steps in (1, 4):
+        ours = method.sample(net, prompts, steps, noise, seed=7)
+        torch.testing.assert_close(pipeline_latents(steps, sigmas=lcm_call_sigmas(steps)), ours, atol=1e-4, rtol=1e-4)
+    pipe.scheduler = teacher_scheduler
+    assert (pipeline_latents(4) - ours).abs().max() > 1e-2
+    student = load_student(f"s={folder}", random_teachers / "sd3", {})  # the sweep's, the benchmark's and the demo's way
+    assert isinstance(student.pipe.scheduler, FlowMatchLCMScheduler) and student.guidance_scale == 1.0
+    assert student.step_kwargs(4) == {"num_inference_steps": 4, "sigmas": lcm_call_sigmas(4)}
+    assert student.pipe.scheduler.config.shift == 1.0 and not student.pipe.scheduler.config.use_dynamic_shifting
 
 
 def test_lora_student_of_a_pipeline_without_a_lora_loader_is_refused(random_teachers, tmp_path):

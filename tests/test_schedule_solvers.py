@@ -113,3 +113,19 @@ def test_bad_step_counts_are_rejected(bad):
         ddim_timesteps(bad)
     with pytest.raises(ConfigError, match="spacing 'weird'"):
         ddim_timesteps(4, spacing="weird")
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 8])
+def test_lcm_call_sigmas_make_flow_lcm_scheduler_call_the_lcm_grid(steps):
+    """A flow LCM student's pipeline call: FlowMatchLCMScheduler at shift 1 given lcm_call_sigmas(N) calls the
+    network at LCM's N-step timesteps on the flow grid (k, ..., T) and ends at sigma 0."""
+    from diffusers import FlowMatchLCMScheduler
+
+    from stepdistill.solvers import lcm_call_sigmas, lcm_inference_timesteps
+
+    sd3_config = FlowMatchLCMScheduler(shift=3.0).config  # as built from an SD3 pipeline's scheduler
+    scheduler = FlowMatchLCMScheduler.from_config(sd3_config, shift=1.0, use_dynamic_shifting=False)
+    scheduler.set_timesteps(sigmas=lcm_call_sigmas(steps))
+    expected = (lcm_inference_timesteps(steps) + 1).float()
+    torch.testing.assert_close(scheduler.timesteps.float(), expected)
+    assert scheduler.sigmas[-1] == 0 and expected[0] == 1000

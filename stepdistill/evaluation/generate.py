@@ -10,9 +10,9 @@ from diffusers import DiffusionPipeline
 
 from stepdistill.errors import ConfigError, ModelError
 from stepdistill.evaluation.sampling_parts import median_ms
-from stepdistill.methods.export import SIGMA_GRID_KEY, STUDENT_META, read_student_meta
+from stepdistill.methods.export import LCM_ORIGINAL_STEPS_KEY, SIGMA_GRID_KEY, STUDENT_META, read_student_meta
 from stepdistill.sampling import initial_noise
-from stepdistill.solvers import uniform_call_sigmas
+from stepdistill.solvers import lcm_call_sigmas, uniform_call_sigmas
 from stepdistill.teacher import TeacherWrapper, load_teacher, pipeline_guidance, pipeline_latents
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -45,12 +45,15 @@ class Generator:
     pipe: DiffusionPipeline
     guidance_scale: float
     call_kwargs: dict
-    sigma_grid: str | None = None  # "uniform": the student's own noise grid (see uniform_call_sigmas)
+    sigma_grid: str | None = None  # "uniform" or "lcm": the student's own noise grid (see uniform_call_sigmas)
+    original_inference_steps: int = 50  # "lcm": the skipping grid the student was trained on
 
     def step_kwargs(self, steps: int) -> dict:
         """Pipeline-call arguments that fix the ``steps``-step noise grid."""
         if self.sigma_grid == "uniform":
             return {"num_inference_steps": steps, "sigmas": uniform_call_sigmas(steps)}
+        if self.sigma_grid == "lcm":
+            return {"num_inference_steps": steps, "sigmas": lcm_call_sigmas(steps, self.original_inference_steps)}
         return {"num_inference_steps": steps}
 
     @torch.no_grad()
@@ -96,9 +99,10 @@ def load_student(spec: str, teacher_path: Path, call_kwargs: dict, device: str =
     if "scheduler" in meta:
         pipe.scheduler = getattr(diffusers, meta["scheduler"]).from_config(pipe.scheduler.config, **meta.get("scheduler_kwargs", {}))
     grid = meta.get(SIGMA_GRID_KEY)
-    if grid not in (None, "uniform"):
-        raise ModelError(f"student {spec!r}: {SIGMA_GRID_KEY}={grid!r} in {STUDENT_META} is not known; allowed: uniform")
-    return Generator(name, pipe, float(meta.get("guidance_scale", 1.0)), call_kwargs, grid)
+    if grid not in (None, "uniform", "lcm"):
+        raise ModelError(f"student {spec!r}: {SIGMA_GRID_KEY}={grid!r} in {STUDENT_META} is not known; allowed: uniform, lcm")
+    return Generator(name, pipe, float(meta.get("guidance_scale", 1.0)), call_kwargs, grid,
+                     int(meta.get(LCM_ORIGINAL_STEPS_KEY, 50)))
 
 
 def check_lora_fits(folder: Path, pipe: DiffusionPipeline, meta: dict) -> None:

@@ -7,7 +7,7 @@ accelerator, so its heads and optimizer state are part of every checkpoint and a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from accelerate import Accelerator

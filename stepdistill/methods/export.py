@@ -16,7 +16,12 @@ from stepdistill.training.checkpoint import removed_unless_finished, swap_into_p
 
 STUDENT_META = "stepdistill_student.json"
 TMP_PREFIX = ".tmp-"  # replace_folder writes into this sibling of the final folder
-SIGMA_GRID_KEY = "sigma_grid"  # in STUDENT_META: "uniform" means call with sigmas=uniform_call_sigmas(N)
+SIGMA_GRID_KEY = "sigma_grid"  # in STUDENT_META: "uniform" means call with sigmas=uniform_call_sigmas(N),
+# "lcm" with sigmas=lcm_call_sigmas(N, meta[LCM_ORIGINAL_STEPS_KEY])
+LCM_ORIGINAL_STEPS_KEY = "original_inference_steps"
+# a flow LCM student's scheduler: FlowMatchLCMScheduler unshifted, so the call's sigmas are the trained grid
+FLOW_LCM_SCHEDULER = "FlowMatchLCMScheduler"
+FLOW_LCM_SCHEDULER_KWARGS = {"shift": 1.0, "use_dynamic_shifting": False}
 
 
 def read_student_meta(folder: Path | str) -> dict[str, Any]:
@@ -29,6 +34,17 @@ def sampling_grid_meta(teacher: TeacherWrapper) -> dict[str, Any]:
     """STUDENT_META entries a pipeline call needs beyond the scheduler: flow students of every trainer sample
     on the uniform grid of ``solvers.uniform_call_sigmas``."""
     return {SIGMA_GRID_KEY: "uniform"} if teacher.schedule.kind == "flow" else {}
+
+
+def flow_lcm_meta(num_ddim_timesteps: int) -> dict[str, Any]:
+    """STUDENT_META entries of a flow LCM student (LoRA or full): its scheduler and its sigma grid."""
+    return {"scheduler": FLOW_LCM_SCHEDULER, "scheduler_kwargs": dict(FLOW_LCM_SCHEDULER_KWARGS),
+            SIGMA_GRID_KEY: "lcm", LCM_ORIGINAL_STEPS_KEY: num_ddim_timesteps}
+
+
+def scheduler_setup(name: str, kwargs: dict[str, Any]) -> str:
+    """The model card's line that builds a LoRA student's scheduler from the teacher pipeline's."""
+    return f"{name}.from_config(pipe.scheduler.config" + "".join(f", {k}={v!r}" for k, v in kwargs.items()) + ")"
 
 
 EXPORT_KEPT = ("any earlier copy is kept; the run's checkpoints are too: free some space, then rerun with "

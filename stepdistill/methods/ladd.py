@@ -22,7 +22,8 @@ from stepdistill.errors import ConfigError
 from stepdistill.methods.adversarial import AdversarialOptions, AdversarialTerm
 from stepdistill.methods.common import (LatentMethodBase, LatentPromptData, TeacherWeightsOption, build_student,
                                        write_validation)
-from stepdistill.methods.export import STUDENT_META, read_student_meta, sampling_grid_meta, write_lora, write_model_card
+from stepdistill.methods.export import (STUDENT_META, read_student_meta, sampling_grid_meta, scheduler_setup, write_lora,
+                                       write_model_card)
 from stepdistill.methods.folded_lora import FoldedLora, LoraForwardOption, folded_runner
 from stepdistill.methods.synthetic import cached_teacher_latents
 from stepdistill.methods.target_adapter import AdapterEMA
@@ -352,7 +353,7 @@ class LADDMethod(LatentMethodBase):
             export.save_pretrained(out_dir, safe_serialization=True)
             meta = {"method": "ladd", "guidance_scale": self.student_guidance, **grid_meta}
             (out_dir / STUDENT_META).write_text(json.dumps(meta))
-        setup = f"{name}.from_config(pipe.scheduler.config, " + ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) + ")"
+        setup = scheduler_setup(name, kwargs)
         sigmas = uniform_call_sigmas(steps) if grid_meta else None
         write_model_card(out_dir, self.cfg, self.teacher, lora=self.cfg.use_lora, steps=steps, guidance_scale=self.student_guidance,
                          scheduler_setup=setup, call_sigmas=sigmas, student_prediction=self.student_prediction)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import diffusers
 import torch
 from accelerate import Accelerator
 from diffusers import LatentConsistencyModelPipeline, LCMScheduler
@@ -21,11 +22,12 @@ from stepdistill.errors import ConfigError
 from stepdistill.methods.adversarial import AdversarialOptions, AdversarialTerm
 from stepdistill.methods.common import (FrozenPassOptions, LatentMethodBase, LatentPromptData, TeacherWeightsOption,
                                        build_student, write_validation)
-from stepdistill.methods.export import write_lora, write_model_card
+from stepdistill.methods.export import (FLOW_LCM_SCHEDULER, FLOW_LCM_SCHEDULER_KWARGS, STUDENT_META, flow_lcm_meta,
+                                       scheduler_setup, write_lora, write_model_card)
 from stepdistill.methods.folded_lora import BaseTwin, FoldedLora, LoraForwardOption, folded_runner
 from stepdistill.methods.target_adapter import AdapterEMA
-from stepdistill.solvers import (consistency_output, ddim_step, guidance_scale_embedding, lcm_inference_timesteps,
-                                 lcm_skip_timesteps, sample_consistency)
+from stepdistill.solvers import (consistency_output, ddim_step, guidance_scale_embedding, lcm_call_sigmas,
+                                 lcm_inference_timesteps, lcm_skip_timesteps, sample_consistency)
 from stepdistill.teacher import PromptEmbeds, TeacherWrapper
 from stepdistill.training.loop import LoopConfig
 from stepdistill.training.side_thread import SideThread, side_thread_wanted
@@ -330,30 +332,45 @@ class LCMMethod(LatentMethodBase):
         write_validation(grids, step, out_dir, accelerator)
 
     def export(self, model: torch.nn.Module, out_dir: Path) -> None:
+        flow = self.teacher.schedule.kind == "flow"
         if self.cfg.use_lora:
-            write_lora(model, self.teacher, out_dir, scheduler=None if self.teacher.schedule.kind == "flow" else "LCMScheduler")
+            meta = flow_lcm_meta(self.cfg.num_ddim_timesteps) if flow else {"scheduler": "LCMScheduler"}
+            write_lora(model, self.teacher, out_dir, scheduler=meta.pop("scheduler"),
+                       scheduler_kwargs=meta.pop("scheduler_kwargs", None), extra_meta=meta)
         else:
             self._export_pipeline(self.target_net, out_dir)
-        write_model_card(out_dir, self.cfg, self.teacher, lora=self.cfg.use_lora)
+        write_model_card(out_dir, self.cfg, self.teacher, lora=self.cfg.use_lora,
+                         guidance_scale=None if self.cfg.use_lora else self._export_guidance(),
+                         scheduler_setup=scheduler_setup(FLOW_LCM_SCHEDULER, FLOW_LCM_SCHEDULER_KWARGS) if flow else None,
+                         call_sigmas=lcm_call_sigmas(4, self.cfg.num_ddim_timesteps) if flow else None)
+
+    def _export_guidance(self) -> float:
+        """A full student's pipeline guidance scale: a w-embedding UNet reads w = guidance_scale - 1 from the
+        pipeline; a DiT student has its w built in (1.0: no CFG)."""
+        return self.cfg.w_min + 1 if self.w_embedding else 1.0
 
     def _export_pipeline(self, net: torch.nn.Module, out_dir: Path) -> None:
         """Full student as a pipeline folder with its few-step scheduler (SD UNet: LatentConsistencyModelPipeline;
         SDXL and DiTs: their own pipeline class; SDXL's feeds a w-embedding UNet its guidance itself, as the LCM
-        one does). A flow DiT keeps its Euler scheduler; vp networks sample with LCM's."""
+        one does). vp networks sample with LCMScheduler, flow DiTs with FlowMatchLCMScheduler on the LCM grid
+        (``flow_lcm_meta``: a call passes ``sigmas=lcm_call_sigmas(N)``)."""
         pipe = self.teacher.pipe
-        scheduler = LCMScheduler.from_config(pipe.scheduler.config, timestep_scaling=self.cfg.timestep_scaling_factor,
-                                             original_inference_steps=self.cfg.num_ddim_timesteps)
+        flow = self.teacher.schedule.kind == "flow"
+        if flow:
+            scheduler = getattr(diffusers, FLOW_LCM_SCHEDULER).from_config(pipe.scheduler.config, **FLOW_LCM_SCHEDULER_KWARGS)
+        else:
+            scheduler = LCMScheduler.from_config(pipe.scheduler.config, timestep_scaling=self.cfg.timestep_scaling_factor,
+                                                 original_inference_steps=self.cfg.num_ddim_timesteps)
         if self.teacher.is_dit or self.teacher.is_sdxl:
             export = copy.copy(pipe)
-            export.register_modules(**{self.teacher.denoiser_name: net})
-            if self.teacher.schedule.kind != "flow":
-                export.register_modules(scheduler=scheduler)
+            export.register_modules(**{self.teacher.denoiser_name: net}, scheduler=scheduler)
         else:
             export = LatentConsistencyModelPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
                                                     unet=net, scheduler=scheduler, safety_checker=None,
                                                     feature_extractor=None, requires_safety_checker=False)
         export.save_pretrained(out_dir, safe_serialization=True)
-        # a w-embedding UNet reads w = guidance_scale - 1 from the pipeline; a DiT student has its w built in
-        guidance = self.cfg.w_min + 1 if self.w_embedding else 1.0
-        (out_dir / "stepdistill_student.json").write_text(json.dumps({"method": "lcm", "guidance_scale": guidance}))
+        meta = {"method": "lcm", "guidance_scale": self._export_guidance()}
+        if flow:  # the scheduler is in the folder already; the grid is what a call must pass
+            meta.update({k: v for k, v in flow_lcm_meta(self.cfg.num_ddim_timesteps).items() if not k.startswith("scheduler")})
+        (out_dir / STUDENT_META).write_text(json.dumps(meta))
 
