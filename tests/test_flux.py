@@ -190,3 +190,21 @@ def test_sampling_parts_time_a_guided_flux_step_as_its_pipeline_runs_it(request,
     parts_module.sampling_parts_ms(teacher, batch_size=2, repeats=1)
     by_part = dict(zip(["encode", "encode_cfg", "pass", "cfg_pass", "decode"], counted.values()))
     assert by_part["pass"] == [2] and by_part["cfg_pass"] == ([2] if kind == "flux_dev" else [2, 2])
+
+
+def test_a_lora_for_one_flux_layout_is_refused_by_the_other(random_teachers, tmp_path):
+    """FLUX.1-dev's and -schnell's layouts take the same LoRA shapes, so diffusers would load either into either;
+    the student's record of its layout is what refuses the wrong one, in one line that names both."""
+    from stepdistill.errors import ModelError
+    from stepdistill.evaluation.generate import load_student
+
+    train_method(LCMConfig, LCMMethod, random_teachers / "flux", tmp_path / "run", w_min=3.0, w_max=3.0, max_train_steps=1)
+    lora = tmp_path / "run" / "lora"
+    assert json.loads((lora / "stepdistill_student.json").read_text())["guidance_embeds"] is False
+    assert load_student(f"s={lora}", random_teachers / "flux", {}).pipe is not None
+    with pytest.raises(ModelError, match=r"trained on a Flux transformer in FLUX.1-schnell's layout \(no guidance "
+                                         r"embedding\); this teacher is in FLUX.1-dev's layout \(a guidance embedding\): "
+                                         r"load it into"):
+        load_student(f"s={lora}", random_teachers / "flux_dev", {})
+    fitting = FluxPipeline.from_pretrained(random_teachers / "flux_dev", dtype=torch.float32)
+    fitting.load_lora_weights(str(lora))  # diffusers itself takes it: the shapes fit

@@ -10,7 +10,8 @@ from diffusers import DiffusionPipeline
 
 from stepdistill.errors import ConfigError, ModelError
 from stepdistill.evaluation.sampling_parts import median_ms
-from stepdistill.methods.export import LCM_ORIGINAL_STEPS_KEY, SIGMA_GRID_KEY, STUDENT_META, read_student_meta
+from stepdistill.methods.export import (GUIDANCE_EMBEDS_KEY, LCM_ORIGINAL_STEPS_KEY, SIGMA_GRID_KEY, STUDENT_META,
+                                       read_student_meta)
 from stepdistill.sampling import initial_noise
 from stepdistill.solvers import lcm_call_sigmas, uniform_call_sigmas
 from stepdistill.teacher import TeacherWrapper, load_teacher, pipeline_guidance, pipeline_latents
@@ -115,6 +116,11 @@ def check_lora_fits(folder: Path, pipe: DiffusionPipeline, meta: dict) -> None:
         raise ModelError(f"LoRA {str(folder)!r} was trained for a {wanted}, not for this {type(pipe).__name__} teacher; "
                          f"load it into a {wanted}")
     denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    layouts = {True: "FLUX.1-dev's layout (a guidance embedding)", False: "FLUX.1-schnell's layout (no guidance embedding)"}
+    trained_on, here = meta.get(GUIDANCE_EMBEDS_KEY), bool(denoiser.config.get("guidance_embeds", False))
+    if trained_on is not None and bool(trained_on) != here:  # the shapes fit either way: only the record tells
+        raise ModelError(f"LoRA {str(folder)!r} was trained on a Flux transformer in {layouts[bool(trained_on)]}; this "
+                         f"teacher is in {layouts[here]}: load it into the Flux it was trained from")
     prefix = "unet." if hasattr(pipe, "unet") else "transformer."
     modules = dict(denoiser.named_modules())
     targets, shapes_ok = set(), True

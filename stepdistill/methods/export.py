@@ -19,6 +19,7 @@ TMP_PREFIX = ".tmp-"  # replace_folder writes into this sibling of the final fol
 SIGMA_GRID_KEY = "sigma_grid"  # in STUDENT_META: "uniform" means call with sigmas=uniform_call_sigmas(N),
 # "lcm" with sigmas=lcm_call_sigmas(N, meta[LCM_ORIGINAL_STEPS_KEY])
 LCM_ORIGINAL_STEPS_KEY = "original_inference_steps"
+GUIDANCE_EMBEDS_KEY = "guidance_embeds"  # Flux LoRAs: whether the transformer it was trained on had a guidance embedding
 # a flow LCM student's scheduler: FlowMatchLCMScheduler unshifted, so the call's sigmas are the trained grid
 FLOW_LCM_SCHEDULER = "FlowMatchLCMScheduler"
 FLOW_LCM_SCHEDULER_KWARGS = {"shift": 1.0, "use_dynamic_shifting": False}
@@ -84,6 +85,8 @@ def write_lora(model: torch.nn.Module, teacher: TeacherWrapper, out_dir: Path, s
     else:
         pipe_cls.save_lora_weights(out_dir, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata)
     meta: dict[str, Any] = {"method": method, "teacher_class": pipe_cls.__name__, "guidance_scale": 1.0}
+    if teacher.is_flux:  # FLUX.1-dev's and -schnell's layouts take the same LoRA shapes: say which one it is for
+        meta[GUIDANCE_EMBEDS_KEY] = teacher.embedded_guidance
     if scheduler:
         meta["scheduler"] = scheduler
     if scheduler_kwargs:
