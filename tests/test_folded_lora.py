@@ -166,3 +166,6 @@ def test_the_base_twin_is_rebuilt_when_a_device_move_replaces_buffers(sd3_pipe):
     assert after is not before
     assert after.pos_embed.pos_embed is net.pos_embed.pos_embed is not before.pos_embed.pos_embed
     assert folded.base_network() is after  # not rebuilt per call
+    net.norm_out.linear.bias = torch.nn.Parameter(net.norm_out.linear.bias.detach().clone())  # a parameter replaced
+    again = folded.base_network()
+    assert again is not after and again.norm_out.linear.bias is net.norm_out.linear.bias
