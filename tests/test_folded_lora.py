@@ -169,3 +169,13 @@ def test_the_base_twin_is_rebuilt_when_a_device_move_replaces_buffers(sd3_pipe):
     net.norm_out.linear.bias = torch.nn.Parameter(net.norm_out.linear.bias.detach().clone())  # a parameter replaced
     again = folded.base_network()
     assert again is not after and again.norm_out.linear.bias is net.norm_out.linear.bias
+
+
+def test_the_base_twin_of_a_compiled_network_is_compiled_too(lora_unet):
+    """--torch_compile compiles the networks in place; a deep copy drops that, and the teacher passes would run
+    eager. (Compiling happens at the first call, so nothing is compiled here.)"""
+    from stepdistill.methods.folded_lora import BaseTwin
+
+    assert BaseTwin(lora_unet)()._compiled_call_impl is None
+    lora_unet.compile(dynamic=False)
+    assert BaseTwin(lora_unet)()._compiled_call_impl is not None

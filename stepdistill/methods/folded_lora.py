@@ -168,6 +168,8 @@ class BaseTwin:
         # identity checks through dicts looked up at build time: walking the module tree per call took 1-2.5 ms
         if self._twin is None or any(slot.get(name) is not tensor for slot, name, tensor in self._slots):
             self._twin = base_twin(self.net)
+            if getattr(self.net, "_compiled_call_impl", None) is not None:  # --torch_compile compiled it in place;
+                self._twin.compile(dynamic=False)  # a copy drops that, so compile the twin the same way
             self._slots = [(tensors, name, tensor) for module in self.net.modules()
                            for tensors in (module._parameters, module._buffers) for name, tensor in tensors.items()]
         return self._twin
