@@ -144,13 +144,20 @@ def uniform_call_sigmas(num_steps: int) -> list[float]:
     return [1.0 - i / num_steps for i in range(num_steps)]
 
 
+def lcm_student_timesteps(schedule: NoiseSchedule, num_steps: int, num_ddim_timesteps: int = 50) -> torch.Tensor:
+    """Descending model timesteps an LCM student samples at: LCMScheduler's N-step subset of the skipping grid,
+    on a flow schedule shifted up by one (its grid is k, 2k, ..., T, so that T is pure noise)."""
+    timesteps = lcm_inference_timesteps(num_steps, num_ddim_timesteps, schedule.num_train_timesteps)
+    return timesteps + 1 if schedule.kind == "flow" else timesteps
+
+
 def lcm_call_sigmas(num_steps: int, num_ddim_timesteps: int = 50, num_train_timesteps: int = 1000) -> list[float]:
     """The ``sigmas=`` a pipeline call passes to sample a flow LCM student as stepdistill's consistency sampler
     does, with ``FlowMatchLCMScheduler`` at shift 1 (so the scheduler leaves them as they are): LCM's N-step
     timesteps on the flow grid (k, 2k, ..., T, see ``lcm.consistency_grid``) over T. That scheduler maps to x0,
     re-noises with fresh noise and ends on x0, as LCM's sampler does; its x0 leaves out the boundary-condition
     scalings, which change it by at most 6e-6 of its size (at t = k) and by under 2e-7 at 8 steps or fewer."""
-    timesteps = lcm_inference_timesteps(num_steps, num_ddim_timesteps, num_train_timesteps) + 1
+    timesteps = lcm_student_timesteps(NoiseSchedule("flow", num_train_timesteps), num_steps, num_ddim_timesteps)
     return [float(t) / num_train_timesteps for t in timesteps]
 
 

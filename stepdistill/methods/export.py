@@ -37,10 +37,9 @@ def sampling_grid_meta(teacher: TeacherWrapper) -> dict[str, Any]:
     return {SIGMA_GRID_KEY: "uniform"} if teacher.schedule.kind == "flow" else {}
 
 
-def flow_lcm_meta(num_ddim_timesteps: int) -> dict[str, Any]:
-    """STUDENT_META entries of a flow LCM student (LoRA or full): its scheduler and its sigma grid."""
-    return {"scheduler": FLOW_LCM_SCHEDULER, "scheduler_kwargs": dict(FLOW_LCM_SCHEDULER_KWARGS),
-            SIGMA_GRID_KEY: "lcm", LCM_ORIGINAL_STEPS_KEY: num_ddim_timesteps}
+def flow_lcm_grid_meta(num_ddim_timesteps: int) -> dict[str, Any]:
+    """STUDENT_META entries of a flow LCM student (LoRA or full): the sigma grid a pipeline call passes."""
+    return {SIGMA_GRID_KEY: "lcm", LCM_ORIGINAL_STEPS_KEY: num_ddim_timesteps}
 
 
 def scheduler_setup(name: str, kwargs: dict[str, Any]) -> str:

@@ -107,13 +107,12 @@ class FoldedLora(torch.nn.Module):
                               "it runs plain and DDP networks: use lora_forward=branched")
         # the base twin runs plain networks (built at first use, after any device move); DDP runs as it is
         self._twin = None if self._prefix else BaseTwin(net)
-        if not self._prefix:
-            self._twin_keys = [key.replace(".base_layer.weight", ".weight") for key, _, _ in self._keys]
+        self._twin_keys = [key.replace(".base_layer.weight", ".weight") for key, _, _ in self._keys]
 
     def using(self, adapter: Mapping[str, torch.Tensor] | None) -> FoldedLora:
         """The same network folded with other A and B tensors (the layers are not looked up again)."""
-        if not self._prefix:
-            self.base_network()  # built here, so that a copy made per step shares it instead of building its own
+        if self._twin is not None:
+            self._twin()  # built here, so that a copy made per step shares it instead of building its own
         other = copy.copy(self)
         other.adapter = adapter
         return other
@@ -144,7 +143,7 @@ class FoldedLora(torch.nn.Module):
             yield torch.addmm(base.flatten(1), b.flatten(1), a.flatten(1), alpha=layer.scaling[ADAPTER]).view_as(base)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self._prefix:  # DDP: through the wrapper, so that its gradient sync stays
+        if self._twin is None:  # DDP: through the wrapper, so that its gradient sync stays
             weights = self.folded_weights()
             with _adapters_off(self._layers, self._adapter_params):
                 return functional_call(self.net, weights, args, kwargs, strict=False, tie_weights=False)

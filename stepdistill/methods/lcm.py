@@ -13,21 +13,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import diffusers
 import torch
 from accelerate import Accelerator
-from diffusers import LatentConsistencyModelPipeline, LCMScheduler
+from diffusers import FlowMatchLCMScheduler, LatentConsistencyModelPipeline, LCMScheduler
 
 from stepdistill.errors import ConfigError
 from stepdistill.methods.adversarial import AdversarialOptions, AdversarialTerm
 from stepdistill.methods.common import (FrozenPassOptions, LatentMethodBase, LatentPromptData, TeacherWeightsOption,
                                        build_student, write_validation)
-from stepdistill.methods.export import (FLOW_LCM_SCHEDULER, FLOW_LCM_SCHEDULER_KWARGS, STUDENT_META, flow_lcm_meta,
+from stepdistill.methods.export import (FLOW_LCM_SCHEDULER, FLOW_LCM_SCHEDULER_KWARGS, STUDENT_META, flow_lcm_grid_meta,
                                        scheduler_setup, write_lora, write_model_card)
 from stepdistill.methods.folded_lora import BaseTwin, FoldedLora, LoraForwardOption, folded_runner
 from stepdistill.methods.target_adapter import AdapterEMA
 from stepdistill.solvers import (consistency_output, ddim_step, guidance_scale_embedding, lcm_call_sigmas,
-                                 lcm_inference_timesteps, lcm_skip_timesteps, sample_consistency)
+                                 lcm_skip_timesteps, lcm_student_timesteps, sample_consistency)
 from stepdistill.teacher import PromptEmbeds, TeacherWrapper
 from stepdistill.training.loop import LoopConfig
 from stepdistill.training.side_thread import SideThread, side_thread_wanted
@@ -138,6 +137,8 @@ class LCMMethod(LatentMethodBase):
         # on the side thread holds the GIL that the student's pass waits for)
         self.teacher_base = BaseTwin(self.side_net if self.side_net is not None else self.student_net) if cfg.use_lora else None
         self.folded: dict[int, FoldedLora] = {}  # lora_forward=folded: each network's folded runner, by id
+        # the student's adapter tensors by name, looked up once: the side's folded target reads them every step
+        self._live_adapter = [(name, p) for name, p in self.student_net.named_parameters() if p.requires_grad]
         if cfg.lora_forward == "folded" and cfg.use_lora:
             for net in (self.student_net, self.side_net):
                 if net is not None:
@@ -288,7 +289,7 @@ class LCMMethod(LatentMethodBase):
             side = self.folded[id(self.side_net)]
             if self.target_adapter is not None:
                 return side
-            return side.using({name: p.detach() for name, p in self.student_net.named_parameters() if p.requires_grad})
+            return side.using({name: p.detach() for name, p in self._live_adapter})
         student = self.folded[id(self.student_net)]
         return student.using(self.target_adapter.shadow) if self.target_adapter is not None else student
 
@@ -313,9 +314,7 @@ class LCMMethod(LatentMethodBase):
         embeds = student.encode_prompts(prompts)
         w = torch.full((len(prompts),), self.cfg.w_min if guidance_scale is None else guidance_scale - 1)
         extra = self._w_kwargs(w)
-        timesteps = lcm_inference_timesteps(steps, self.cfg.num_ddim_timesteps, self.teacher.schedule.num_train_timesteps)
-        if self.teacher.schedule.kind == "flow":
-            timesteps = timesteps + 1
+        timesteps = lcm_student_timesteps(self.teacher.schedule, steps, self.cfg.num_ddim_timesteps)
         was_training = model.training
         model.eval()
         out = sample_consistency(lambda x, t: student.predict(x, t, embeds, **extra), noise, timesteps, self.teacher.schedule,
@@ -334,9 +333,9 @@ class LCMMethod(LatentMethodBase):
     def export(self, model: torch.nn.Module, out_dir: Path) -> None:
         flow = self.teacher.schedule.kind == "flow"
         if self.cfg.use_lora:
-            meta = flow_lcm_meta(self.cfg.num_ddim_timesteps) if flow else {"scheduler": "LCMScheduler"}
-            write_lora(model, self.teacher, out_dir, scheduler=meta.pop("scheduler"),
-                       scheduler_kwargs=meta.pop("scheduler_kwargs", None), extra_meta=meta)
+            write_lora(model, self.teacher, out_dir, scheduler=FLOW_LCM_SCHEDULER if flow else "LCMScheduler",
+                       scheduler_kwargs=FLOW_LCM_SCHEDULER_KWARGS if flow else None,
+                       extra_meta=flow_lcm_grid_meta(self.cfg.num_ddim_timesteps) if flow else None)
         else:
             self._export_pipeline(self.target_net, out_dir)
         write_model_card(out_dir, self.cfg, self.teacher, lora=self.cfg.use_lora,
@@ -353,11 +352,11 @@ class LCMMethod(LatentMethodBase):
         """Full student as a pipeline folder with its few-step scheduler (SD UNet: LatentConsistencyModelPipeline;
         SDXL and DiTs: their own pipeline class; SDXL's feeds a w-embedding UNet its guidance itself, as the LCM
         one does). vp networks sample with LCMScheduler, flow DiTs with FlowMatchLCMScheduler on the LCM grid
-        (``flow_lcm_meta``: a call passes ``sigmas=lcm_call_sigmas(N)``)."""
+        (a call passes ``sigmas=lcm_call_sigmas(N)``)."""
         pipe = self.teacher.pipe
         flow = self.teacher.schedule.kind == "flow"
         if flow:
-            scheduler = getattr(diffusers, FLOW_LCM_SCHEDULER).from_config(pipe.scheduler.config, **FLOW_LCM_SCHEDULER_KWARGS)
+            scheduler = FlowMatchLCMScheduler.from_config(pipe.scheduler.config, **FLOW_LCM_SCHEDULER_KWARGS)
         else:
             scheduler = LCMScheduler.from_config(pipe.scheduler.config, timestep_scaling=self.cfg.timestep_scaling_factor,
                                                  original_inference_steps=self.cfg.num_ddim_timesteps)
@@ -371,6 +370,6 @@ class LCMMethod(LatentMethodBase):
         export.save_pretrained(out_dir, safe_serialization=True)
         meta = {"method": "lcm", "guidance_scale": self._export_guidance()}
         if flow:  # the scheduler is in the folder already; the grid is what a call must pass
-            meta.update({k: v for k, v in flow_lcm_meta(self.cfg.num_ddim_timesteps).items() if not k.startswith("scheduler")})
+            meta.update(flow_lcm_grid_meta(self.cfg.num_ddim_timesteps))
         (out_dir / STUDENT_META).write_text(json.dumps(meta))
 
