@@ -66,6 +66,22 @@ def two_process_launch(launcher: str, port: int) -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--main_process_port", str(port)]
 
 
+def fsdp_launch(port: int, folder: Path) -> list[str]:
+    """The command start for 2 CPU processes under accelerate's FSDP path: the shipped FSDP config cut down to
+    one machine, two processes and no mixed precision, and ``fsdp_on_cpu.py`` in front of the script (it
+    keeps accelerate on FSDP, which it would otherwise replace by DDP on a machine without GPUs)."""
+    import yaml
+
+    config = yaml.safe_load((ROOT / "configs" / "accelerate" / "fsdp_2node.yaml").read_text())
+    for key in ("machine_rank", "main_process_ip"):
+        config.pop(key)
+    config.update(num_machines=1, num_processes=2, mixed_precision="no", use_cpu=True)
+    path = folder / "fsdp_2proc_cpu.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path), "--main_process_port",
+            str(port), str(ROOT / "tests" / "fsdp_on_cpu.py")]
+
+
 def run_ok(command: list[str]) -> subprocess.CompletedProcess:
     """Run a training command, failing the test with its error output when it fails."""
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)

@@ -42,6 +42,11 @@ class AdversarialOptions:
             raise ConfigError(f"disc_r1_weight={self.disc_r1_weight} must be >= 0 and renoise_std={self.renoise_std} > 0")
 
 
+# Under FSDP accelerate would shard the discriminator heads as well, and the generator loss runs them
+# outside their prepared wrapper; the trainers refuse that combination (``sharding_refusal``).
+ADVERSARIAL_UNSHARDED = "discriminator heads (trained beside the student, accelerate would shard them as well)"
+
+
 def pooled_text(embeds: PromptEmbeds) -> torch.Tensor:
     """One vector per prompt for the heads' condition: the pooled embedding (SD3, SDXL), else the mean state of
     the prompt's tokens (padding left out where an attention mask marks it, as for PixArt's T5)."""

@@ -177,8 +177,11 @@ class adapters_disabled:  # noqa: N801 - used as a context manager
             self.model.enable_adapters()
 
 
-def write_validation(images_by_steps: dict[int, torch.Tensor], step: int, out_dir: Path, accelerator: Accelerator) -> Path:
-    """One PNG (rows: 1, 2, 4, 8 steps) and the same grid in TensorBoard when it is the tracker."""
+def write_validation(images_by_steps: dict[int, torch.Tensor], step: int, out_dir: Path, accelerator: Accelerator) -> Path | None:
+    """One PNG (rows: 1, 2, 4, 8 steps) and the same grid in TensorBoard when it is the tracker; written by the
+    main process only (under FSDP every process samples)."""
+    if not accelerator.is_main_process:
+        return None
     rows = torch.cat(list(images_by_steps.values()))
     nrow = next(iter(images_by_steps.values())).shape[0]
     path = save_grid(rows, out_dir / f"steps-{'-'.join(map(str, images_by_steps))}-{step:06d}.png", nrow=nrow, scale=2)

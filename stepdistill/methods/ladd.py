@@ -19,7 +19,7 @@ import torch
 from accelerate import Accelerator
 
 from stepdistill.errors import ConfigError
-from stepdistill.methods.adversarial import AdversarialOptions, AdversarialTerm
+from stepdistill.methods.adversarial import ADVERSARIAL_UNSHARDED, AdversarialOptions, AdversarialTerm
 from stepdistill.methods.common import (LatentMethodBase, LatentPromptData, TeacherWeightsOption, build_student,
                                        write_validation)
 from stepdistill.methods.export import (STUDENT_META, read_student_meta, sampling_grid_meta, scheduler_setup, write_lora,
@@ -185,6 +185,10 @@ class LADDMethod(LatentMethodBase):
         return self.cfg.real_data == "synthetic" or self.cfg.distill_weight > 0
 
     # --- shared-loop interface -------------------------------------------------------------------------
+    def sharding_refusal(self) -> str | None:
+        """LADD always trains discriminator heads beside the student, which FSDP cannot take (see the term's)."""
+        return ADVERSARIAL_UNSHARDED
+
     def prepare_extra(self, accelerator: Accelerator, out: Path) -> None:
         if self.uses_teacher_pairs:
             self.synthetic = cached_teacher_latents(out / "synthetic_latents.safetensors", self.teacher, self.data.captions,

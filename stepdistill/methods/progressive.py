@@ -21,7 +21,7 @@ from diffusers import DDIMScheduler
 from torch.optim.lr_scheduler import LambdaLR
 
 from stepdistill.errors import ConfigError
-from stepdistill.methods.adversarial import AdversarialOptions, AdversarialTerm
+from stepdistill.methods.adversarial import ADVERSARIAL_UNSHARDED, AdversarialOptions, AdversarialTerm
 from stepdistill.methods.common import (FrozenPassOptions, LatentMethodBase, LatentPromptData, TeacherWeightsOption,
                                        full_student, write_validation)
 from stepdistill.methods.export import STUDENT_META, replace_folder, sampling_grid_meta, write_model_card
@@ -30,6 +30,7 @@ from stepdistill.solvers import (ddim_step, deterministic_grid, guidance_scale_e
                                  uniform_call_sigmas)
 from stepdistill.teacher import Prediction, TeacherWrapper
 from stepdistill.training.loop import LoopConfig
+from stepdistill.training.sharding import lerp_towards, load_whole_state
 from stepdistill.training.step_random import StepRandom
 from stepdistill.training.timing import timed
 
@@ -179,6 +180,10 @@ class ProgressiveMethod(LatentMethodBase):
         # against the dataset's latents, so a round can aim past its teacher's sampler rather than only copy it.
         self.adversarial = AdversarialTerm(teacher, teacher.model, cfg, False, cfg.seed) if cfg.adversarial_weight > 0 else None
 
+    def sharding_refusal(self) -> str | None:
+        """Why these settings cannot run under FSDP, or None (the frozen teacher and the EMA stay whole)."""
+        return ADVERSARIAL_UNSHARDED if self.adversarial is not None else None
+
     def prepare_extra(self, accelerator: Accelerator, out: Path) -> None:
         if self.cfg.train_latents == "teacher":
             self.teacher_latents = cached_teacher_latents(out / "teacher_latents.safetensors", self.teacher,
@@ -271,7 +276,7 @@ class ProgressiveMethod(LatentMethodBase):
 
     @torch.no_grad()
     def after_optimizer_step(self, model: torch.nn.Module) -> None:
-        torch._foreach_lerp_(list(self.ema_net.parameters()), list(model.parameters()), 1 - self.cfg.ema_decay)
+        lerp_towards(list(self.ema_net.parameters()), model.parameters(), 1 - self.cfg.ema_decay)
 
     @torch.no_grad()
     def on_step_end(self, model: torch.nn.Module, done: int, out_dir: Path, accelerator: Accelerator) -> None:
@@ -281,7 +286,7 @@ class ProgressiveMethod(LatentMethodBase):
         if done != phase.end_step:
             return
         self.round_teacher.load_state_dict(self.ema_net.state_dict())
-        accelerator.unwrap_model(model).load_state_dict(self.ema_net.state_dict())
+        load_whole_state(accelerator.unwrap_model(model), self.ema_net.state_dict())
         if accelerator.is_main_process:
             replace_folder(out_dir / "rounds" / phase.folder, lambda tmp: self._export_pipeline(self.ema_net, tmp, phase.student_steps))
 

@@ -26,6 +26,7 @@ from stepdistill.training.launch_check import lone_process_warning
 from stepdistill.training.log_window import LogWindow
 from stepdistill.training.nonfinite import NonFiniteCounter, step_unless_nonfinite
 from stepdistill.training.side_thread import thread_budget
+from stepdistill.training.sharding import check_sharding, is_sharded
 from stepdistill.training.step_random import StepRandom, batch_indices
 from stepdistill.training.timing import timed
 from stepdistill.training.trainable_state import keep_checkpoints_to_trainable_weights
@@ -165,6 +166,8 @@ def _run_training(method: TrainingMethod, cfg: LoopConfig, tracker_config: dict[
                   accelerator: Accelerator | None) -> dict[str, float]:
     out = prepare_output_dir(cfg)
     accelerator = accelerator or make_accelerator(cfg, out)
+    refusal = getattr(method, "sharding_refusal", lambda: None)()  # optional: why these settings cannot run under FSDP
+    check_sharding(accelerator, method.name, refusal)
     keep_checkpoints_to_trainable_weights(accelerator)  # a LoRA student's frozen base comes from the teacher again
     to_device = getattr(method, "to_device", None)  # optional: networks and state accelerate does not place
     if to_device is not None:
@@ -250,7 +253,9 @@ def _train_steps(method, cfg, accelerator, model, optimizer, lr_scheduler, start
         if done % cfg.checkpointing_steps == 0 or done == cfg.max_train_steps:
             save_checkpoint(accelerator, out, done, method.name, cfg.checkpoints_total_limit, method.checkpoint_objects(),
                             getattr(method, "checkpoint_identity", dict)())
-        if cfg.validation_steps and (done % cfg.validation_steps == 0 or done == cfg.max_train_steps) and accelerator.is_main_process:
+        # a sharded student samples only when every process runs it; the main process alone writes the grid
+        validating_here = accelerator.is_main_process or is_sharded(accelerator)
+        if cfg.validation_steps and (done % cfg.validation_steps == 0 or done == cfg.max_train_steps) and validating_here:
             method.validate(accelerator.unwrap_model(model), done, out / "validation", accelerator)
     return logs
 

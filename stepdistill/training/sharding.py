@@ -1,0 +1,66 @@
+"""What the trainers need to run a student sharded by FSDP (accelerate's ``fsdp_version: 2``).
+
+Under FSDP2 every process holds only a slice of each student weight (a ``DTensor``). The EMA and target copies
+the full-model trainers keep beside the student stay whole, plain modules on every process (the frozen
+teacher is whole there too), so that their passes and exports need no collective and can run on a side
+thread or on the main process alone. Where they read the student (EMA updates, a progressive round's
+handoff) the student's weights are gathered first; every process must make those calls together.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+
+from stepdistill.errors import ConfigError
+
+
+def is_sharded(accelerator: Accelerator) -> bool:
+    """True when accelerate shards the prepared student (FSDP)."""
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def check_sharding(accelerator: Accelerator, method_name: str, refusal: str | None) -> None:
+    """Refuse, in one line, FSDP runs this code cannot do right: FSDP version 1 (its flattened parameters
+    are not the student's own) and method settings a method refuses (``refusal`` says why)."""
+    if not is_sharded(accelerator):
+        return
+    version = accelerator.state.fsdp_plugin.fsdp_version
+    if version != 2:
+        raise ConfigError(f"fsdp_version={version} is not supported; set fsdp_version: 2 in the accelerate config "
+                          "(configs/accelerate/fsdp_2node.yaml)")
+    if refusal is not None:
+        raise ConfigError(f"{method_name} cannot run sharded by FSDP with {refusal}; launch it with DDP "
+                          "(configs/accelerate/ddp_8gpu.yaml)")
+
+
+def full_tensors(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """Each tensor whole: an FSDP2 slice (``DTensor``) is gathered from every process (a collective), a plain
+    tensor is returned as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return [t.full_tensor() if isinstance(t, DTensor) else t for t in tensors]
+
+
+@torch.no_grad()
+def lerp_towards(targets: list[torch.Tensor], sources: Iterable[torch.Tensor], weight: float) -> None:
+    """``target += weight * (source - target)`` for each pair: an EMA step of whole copies towards the
+    student's weights, gathered first where they are sharded."""
+    torch._foreach_lerp_(targets, full_tensors(sources), weight)
+
+
+@torch.no_grad()
+def load_whole_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Load a whole (unsharded) state dict into ``model``, sharded or not: each process cuts its own slice
+    (every process holds the same whole state, so nothing is sent)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    own = model.state_dict()
+    if not any(isinstance(t, DTensor) for t in own.values()):
+        model.load_state_dict(state)
+        return
+    sliced = {name: distribute_tensor(state[name].to(t.dtype), t.device_mesh, t.placements, src_data_rank=None) if isinstance(t, DTensor)
+              else state[name] for name, t in own.items()}
+    model.load_state_dict(sliced)
