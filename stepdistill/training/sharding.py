@@ -36,12 +36,21 @@ def check_sharding(accelerator: Accelerator, method_name: str, refusal: str | No
                           "(configs/accelerate/ddp_8gpu.yaml)")
 
 
+def _dtensor() -> type | tuple:
+    """torch's DTensor class, or an empty tuple (matches nothing) where torch has no public one (before 2.5;
+    accelerate's FSDP2 needs 2.6 anyway)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return ()
+    return DTensor
+
+
 def full_tensors(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     """Each tensor whole: an FSDP2 slice (``DTensor``) is gathered from every process (a collective), a plain
     tensor is returned as it is."""
-    from torch.distributed.tensor import DTensor
-
-    return [t.full_tensor() if isinstance(t, DTensor) else t for t in tensors]
+    dtensor = _dtensor()
+    return [t.full_tensor() if isinstance(t, dtensor) else t for t in tensors]
 
 
 @torch.no_grad()
@@ -55,12 +64,12 @@ def lerp_towards(targets: list[torch.Tensor], sources: Iterable[torch.Tensor], w
 def load_whole_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Load a whole (unsharded) state dict into ``model``, sharded or not: each process cuts its own slice
     (every process holds the same whole state, so nothing is sent)."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    own = model.state_dict()
-    if not any(isinstance(t, DTensor) for t in own.values()):
+    own, dtensor = model.state_dict(), _dtensor()
+    if not any(isinstance(t, dtensor) for t in own.values()):
         model.load_state_dict(state)
         return
-    sliced = {name: distribute_tensor(state[name].to(t.dtype), t.device_mesh, t.placements, src_data_rank=None) if isinstance(t, DTensor)
-              else state[name] for name, t in own.items()}
+    from torch.distributed.tensor import distribute_tensor
+
+    sliced = {name: distribute_tensor(state[name].to(t.dtype), t.device_mesh, t.placements, src_data_rank=None)
+              if isinstance(t, dtensor) else state[name] for name, t in own.items()}
     model.load_state_dict(sliced)
