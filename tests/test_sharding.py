@@ -33,23 +33,38 @@ def _weights(folder):
     return load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
 
 
-def test_full_lcm_sharded_by_fsdp2_trains_as_one_process_and_resumes_bitwise(random_teachers, tmp_path):
-    """Full LCM (EMA target network, validation) as 2 FSDP2 processes equals the 1-process run; its checkpoint
-    is accelerate's FSDP one and resumes under FSDP to the same weights bitwise. Before the sharding support
-    the EMA update mixed sharded and whole tensors and the run failed at its first step."""
-    import shutil
+def test_full_lcm_sharded_by_fsdp2_trains_as_one_process(random_teachers, tmp_path):
+    """Full LCM (EMA target network, validation) as 2 FSDP2 processes equals the 1-process run, and its
+    checkpoint is accelerate's FSDP one. Before the sharding support the EMA update mixed sharded and whole
+    tensors and the run failed at its first step."""
+    from method_runs import apart_over_moved
 
-    from method_runs import apart_over_moved, run_ok
-
-    options = ["--use_lora", "false", "--max_train_steps", "4", "--checkpointing_steps", "2", "--validation_steps", "4",
-               "--checkpoints_total_limit", "3"]
-    loss_one, losses_two, command = _runs("train_lcm.py", random_teachers / "sd", tmp_path, options, port=29561)
+    options = ["--use_lora", "false", "--max_train_steps", "3", "--validation_steps", "3"]
+    loss_one, losses_two, _ = _runs("train_lcm.py", random_teachers / "sd", tmp_path, options, port=29561)
     assert len(losses_two) == 2 and all(abs(x - loss_one) < 1e-4 * abs(loss_one) for x in losses_two)
-    assert (tmp_path / "two" / "checkpoint-2" / "pytorch_model_fsdp.bin").is_file()  # accelerate's FSDP save ran
+    assert (tmp_path / "two" / "checkpoint-3" / "pytorch_model_fsdp.bin").is_file()  # accelerate's FSDP save ran
     assert len(list((tmp_path / "two" / "validation").glob("*.png"))) == 1  # every process sampled, one wrote
     start = _weights(random_teachers / "sd")
     one, two = _weights(tmp_path / "one" / "pipeline"), _weights(tmp_path / "two" / "pipeline")
     assert apart_over_moved(one, two, start) < 1e-3
+
+
+def test_full_ladd_sharded_by_fsdp2_trains_as_one_process_and_resumes_bitwise(random_teachers, tmp_path):
+    """LADD with a full student, its EMA and the discriminator heads (plain DDP under FSDP, checkpointed by the
+    trainer): 2 FSDP2 processes give the 1-process result, the export is the EMA gathered whole, and the
+    step-2 checkpoint resumes under FSDP to the same weights bitwise (heads and their optimizer included)."""
+    import shutil
+
+    from method_runs import apart_over_moved, run_ok
+
+    options = ["--use_lora", "false", "--max_train_steps", "4", "--checkpointing_steps", "2", "--checkpoints_total_limit",
+               "3", "--student_steps", "2", "--student_sampler", "deterministic", "--ema_decay", "0.5", "--disc_hidden", "8",
+               "--validation_steps", "4"]
+    loss_one, losses_two, command = _runs("train_ladd.py", random_teachers / "sd", tmp_path, options, port=29567)
+    assert len(losses_two) == 2 and all(abs(x - loss_one) < 1e-4 * max(1.0, abs(loss_one)) for x in losses_two)
+    start = _weights(random_teachers / "sd")
+    two = _weights(tmp_path / "two" / "pipeline")
+    assert apart_over_moved(_weights(tmp_path / "one" / "pipeline"), two, start) < 1e-3
     (tmp_path / "resumed").mkdir()
     shutil.copytree(tmp_path / "two" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
     run_ok([*command, "--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", "latest"])
@@ -104,7 +119,7 @@ def test_check_sharding_lets_supported_runs_through(kind, refusal):
 
 
 def test_each_trainer_says_which_settings_fsdp_cannot_run(random_teachers, tmp_path):
-    """Full LCM and progressive without the adversarial term run sharded; LoRA, LADD and the term are refused."""
+    """Full students run sharded, with or without discriminator heads; LoRA students are refused."""
     from method_runs import build_method
 
     from stepdistill.methods.ladd import LADDConfig, LADDMethod
@@ -112,13 +127,25 @@ def test_each_trainer_says_which_settings_fsdp_cannot_run(random_teachers, tmp_p
     from stepdistill.methods.progressive import ProgressiveConfig, ProgressiveMethod
 
     teacher = random_teachers / "sd"
-    assert build_method(LCMConfig, LCMMethod, teacher, tmp_path / "a", use_lora=False).sharding_refusal() is None
+    adversarial = dict(adversarial_weight=0.5, disc_hidden=8)
+    assert build_method(LCMConfig, LCMMethod, teacher, tmp_path / "a", use_lora=False, **adversarial).sharding_refusal() is None
     assert "use_lora=true" in build_method(LCMConfig, LCMMethod, teacher, tmp_path / "b").sharding_refusal()
-    adversarial = build_method(LCMConfig, LCMMethod, teacher, tmp_path / "c", use_lora=False, adversarial_weight=0.5,
-                               disc_hidden=8)
-    assert "discriminator heads" in adversarial.sharding_refusal()
-    progressive = build_method(ProgressiveConfig, ProgressiveMethod, teacher, tmp_path / "d", start_steps=4, end_steps=2, max_train_steps=0,
-                               iterations_per_round=2)
-    assert progressive.sharding_refusal() is None
-    ladd = build_method(LADDConfig, LADDMethod, teacher, tmp_path / "e", use_lora=False, disc_hidden=8)
-    assert "discriminator heads" in ladd.sharding_refusal()
+    assert build_method(LADDConfig, LADDMethod, teacher, tmp_path / "c", use_lora=False, disc_hidden=8).sharding_refusal() is None
+    assert "use_lora=true" in build_method(LADDConfig, LADDMethod, teacher, tmp_path / "d", disc_hidden=8).sharding_refusal()
+    progressive = build_method(ProgressiveConfig, ProgressiveMethod, teacher, tmp_path / "e", start_steps=4, end_steps=2,
+                               max_train_steps=0, iterations_per_round=2, **adversarial)
+    assert not hasattr(progressive, "sharding_refusal")  # nothing to refuse: the loop's default
+
+
+def test_fp16_discriminator_heads_under_fsdp_are_refused_in_one_line(random_teachers, tmp_path):
+    """Under FSDP the heads' optimizer is outside accelerate's gradient scaler, so fp16 would step on scaled
+    gradients: refused before training."""
+    from method_runs import build_method
+
+    from stepdistill.methods.lcm import LCMConfig, LCMMethod
+
+    method = build_method(LCMConfig, LCMMethod, random_teachers / "sd", tmp_path / "a", use_lora=False,
+                          adversarial_weight=0.5, disc_hidden=8)
+    fp16_fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP, scaler=object())
+    with pytest.raises(ConfigError, match="mixed_precision=fp16 cannot train discriminator heads under FSDP"):
+        method.adversarial.prepare(fp16_fsdp)

@@ -2,15 +2,17 @@
 features, score them with trainable heads, update the heads, return the student's generator loss.
 
 The discriminator's optimizer lives here rather than in the shared loop; it is prepared by the same
-accelerator, so its heads and optimizer state are part of every checkpoint and are synced across processes.
+accelerator, so its heads and optimizer state are part of every checkpoint and are synced across processes
+(under FSDP: plain DDP, and the trainer checkpoints them).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from accelerate import Accelerator
+from torch.nn.parallel import DistributedDataParallel
 
 from stepdistill.discriminator import DiscriminatorHeads, discriminator_loss, generator_loss, r1_penalty
 from stepdistill.errors import ConfigError
@@ -18,6 +20,7 @@ from stepdistill.methods.folded_lora import BaseTwin
 from stepdistill.sampling import latent_shape
 from stepdistill.teacher import PromptEmbeds, TeacherWrapper
 from stepdistill.training.nonfinite import step_unless_nonfinite
+from stepdistill.training.sharding import is_sharded
 from stepdistill.training.step_random import StepRandom
 from stepdistill.training.timing import timed
 
@@ -40,11 +43,6 @@ class AdversarialOptions:
             raise ConfigError(f"disc_hidden={self.disc_hidden} must be at least 1")
         if self.disc_r1_weight < 0 or self.renoise_std <= 0:
             raise ConfigError(f"disc_r1_weight={self.disc_r1_weight} must be >= 0 and renoise_std={self.renoise_std} > 0")
-
-
-# Under FSDP accelerate would shard the discriminator heads as well, and the generator loss runs them
-# outside their prepared wrapper; the trainers refuse that combination (``sharding_refusal``).
-ADVERSARIAL_UNSHARDED = "discriminator heads (trained beside the student, accelerate would shard them as well)"
 
 
 def pooled_text(embeds: PromptEmbeds) -> torch.Tensor:
@@ -79,9 +77,25 @@ class AdversarialTerm:
         self.prepared_heads: torch.nn.Module = self.heads
 
     def prepare(self, accelerator: Accelerator) -> None:
-        """Register heads and optimizer with the run's accelerator (device, DDP, checkpoints)."""
+        """Register heads and optimizer with the run's accelerator (device, DDP, checkpoints). Under FSDP
+        accelerate would shard the heads with the student's wrap policy (which has no block to wrap in them)
+        and pair their optimizer with a sharded model when saving: there the heads are replicated with plain
+        DDP and checkpointed by the trainer (:meth:`checkpoint_objects`)."""
         self.accelerator = accelerator
+        if is_sharded(accelerator):
+            if accelerator.scaler is not None:
+                raise ConfigError("mixed_precision=fp16 cannot train discriminator heads under FSDP (their optimizer is "
+                                  "outside accelerate's gradient scaler there); use mixed_precision=bf16")
+            self.heads.to(accelerator.device)
+            cuda = accelerator.device.type == "cuda"
+            self.prepared_heads = DistributedDataParallel(self.heads, device_ids=[accelerator.device.index] if cuda else None)
+            return
         self.prepared_heads, self.optimizer = accelerator.prepare(self.heads, self.optimizer)
+
+    def checkpoint_objects(self) -> list[Any]:
+        """What the trainer must checkpoint itself: the heads and their optimizer where accelerate does not
+        (FSDP runs), else nothing."""
+        return [self.heads, self.optimizer] if self.accelerator is not None and is_sharded(self.accelerator) else []
 
     def features(self, x: torch.Tensor, t: torch.Tensor, embeds: PromptEmbeds) -> list[torch.Tensor]:
         """Frozen teacher features; in LoRA mode the teacher is the student network's base twin (no adapter layers)."""

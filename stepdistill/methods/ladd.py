@@ -19,7 +19,7 @@ import torch
 from accelerate import Accelerator
 
 from stepdistill.errors import ConfigError
-from stepdistill.methods.adversarial import ADVERSARIAL_UNSHARDED, AdversarialOptions, AdversarialTerm
+from stepdistill.methods.adversarial import AdversarialOptions, AdversarialTerm
 from stepdistill.methods.common import (LatentMethodBase, LatentPromptData, TeacherWeightsOption, build_student,
                                        write_validation)
 from stepdistill.methods.export import (STUDENT_META, read_student_meta, sampling_grid_meta, scheduler_setup, write_lora,
@@ -32,6 +32,7 @@ from stepdistill.solvers import (consistency_output, ddim_step, deterministic_gr
                                  guidance_scale_embedding, sample_consistency, sample_ddim, uniform_call_sigmas)
 from stepdistill.teacher import PromptEmbeds, TeacherWrapper
 from stepdistill.training.loop import LoopConfig
+from stepdistill.training.sharding import LORA_UNSHARDED
 from stepdistill.training.step_random import StepRandom
 
 LCM_ORIGINAL_STEPS = 50  # LCMScheduler's default original_inference_steps: fixes the exported timesteps
@@ -186,8 +187,8 @@ class LADDMethod(LatentMethodBase):
 
     # --- shared-loop interface -------------------------------------------------------------------------
     def sharding_refusal(self) -> str | None:
-        """LADD always trains discriminator heads beside the student, which FSDP cannot take (see the term's)."""
-        return ADVERSARIAL_UNSHARDED
+        """Why these settings cannot run under FSDP, or None (a LoRA student's base is the teacher network)."""
+        return LORA_UNSHARDED if self.cfg.use_lora else None
 
     def prepare_extra(self, accelerator: Accelerator, out: Path) -> None:
         if self.uses_teacher_pairs:
@@ -196,6 +197,8 @@ class LADDMethod(LatentMethodBase):
                                                     self.cfg.seed, accelerator, self.cfg.use_lora)
         if self.adversarial is not None:
             self.adversarial.prepare(accelerator)
+        if self.student_ema is not None:
+            self.student_ema.rebind_live()  # FSDP2 replaced the student's parameters by sharded ones
 
     def make_batch(self, indices: list[int], device: torch.device) -> dict[str, Any]:
         batch = super().make_batch(indices, device)
@@ -290,16 +293,18 @@ class LADDMethod(LatentMethodBase):
             self.student_ema.update()
 
     def checkpoint_objects(self) -> list[Any]:
-        # heads and their optimizer are prepared by the accelerator, so they are saved already
-        return [self.student_ema] if self.student_ema is not None else []
+        # heads and their optimizer are prepared by the accelerator, so they are saved already (except under FSDP)
+        own = [self.student_ema] if self.student_ema is not None else []
+        return own + (self.adversarial.checkpoint_objects() if self.adversarial is not None else [])
 
     def checkpoint_identity(self) -> dict[str, str]:
         """Resolved settings a resume must share with the checkpoint (the loop refuses a mismatch)."""
         return {"student_prediction": self.student_prediction}
 
-    def shipped_weights(self) -> AbstractContextManager[Any]:
-        """Context in which the student network holds the weights validation and export use: the EMA's, if on."""
-        return self.student_ema.swapped_in() if self.student_ema is not None else nullcontext()
+    def shipped_weights(self, model: torch.nn.Module | None = None) -> AbstractContextManager[Any]:
+        """Context in which the student network (or ``model``, a whole copy of it) holds the weights validation
+        and export use: the EMA's, if on."""
+        return self.student_ema.swapped_in(model) if self.student_ema is not None else nullcontext()
 
     # --- sampling, validation, export ----------------------------------------------------------------------
     @torch.no_grad()
@@ -339,7 +344,7 @@ class LADDMethod(LatentMethodBase):
                                 "original_inference_steps": LCM_ORIGINAL_STEPS, **output}
 
     def export(self, model: torch.nn.Module, out_dir: Path) -> None:
-        with self.shipped_weights():
+        with self.shipped_weights(model):
             self._write_export(model, out_dir)
 
     def _write_export(self, model: torch.nn.Module, out_dir: Path) -> None:

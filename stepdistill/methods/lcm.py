@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from diffusers import FlowMatchLCMScheduler, LatentConsistencyModelPipeline, LCMScheduler
 
 from stepdistill.errors import ConfigError
-from stepdistill.methods.adversarial import ADVERSARIAL_UNSHARDED, AdversarialOptions, AdversarialTerm
+from stepdistill.methods.adversarial import AdversarialOptions, AdversarialTerm
 from stepdistill.methods.common import (FrozenPassOptions, LatentMethodBase, LatentPromptData, TeacherWeightsOption,
                                        build_student, write_validation)
 from stepdistill.methods.export import (FLOW_LCM_SCHEDULER, FLOW_LCM_SCHEDULER_KWARGS, STUDENT_META, flow_lcm_grid_meta,
@@ -30,7 +30,7 @@ from stepdistill.solvers import (consistency_output, ddim_step, guidance_scale_e
 from stepdistill.teacher import PromptEmbeds, TeacherWrapper
 from stepdistill.training.loop import LoopConfig
 from stepdistill.training.side_thread import SideThread, side_thread_wanted
-from stepdistill.training.sharding import lerp_towards
+from stepdistill.training.sharding import LORA_UNSHARDED, lerp_towards
 from stepdistill.training.step_random import StepRandom
 from stepdistill.training.timing import timed
 
@@ -145,13 +145,16 @@ class LCMMethod(LatentMethodBase):
                 if net is not None:
                     folded_runner(self.folded, net)
 
+    @property
+    def export_reads_model(self) -> bool:
+        """The loop's export hands over the trained module only for LoRA; a full student ships its target
+        network (so a sharded run need not gather the student for it)."""
+        return self.cfg.use_lora
+
     def sharding_refusal(self) -> str | None:
         """Why these settings cannot run under FSDP, or None: a LoRA student is the teacher's network with an
         adapter, whose teacher and target passes run outside the sharded forward."""
-        if self.cfg.use_lora:
-            return ("use_lora=true (a LoRA student's base is the teacher network, which the teacher passes run outside "
-                    "the sharded forward; use_lora=false trains a full student, which FSDP shards)")
-        return ADVERSARIAL_UNSHARDED if self.adversarial is not None else None
+        return LORA_UNSHARDED if self.cfg.use_lora else None
 
     def prepare_extra(self, accelerator: Accelerator, out: Path) -> None:
         if self.adversarial is not None:
@@ -312,7 +315,8 @@ class LCMMethod(LatentMethodBase):
             lerp_towards(targets, trainable, 1 - self.cfg.ema_decay)
 
     def checkpoint_objects(self) -> list[Any]:
-        return [obj for obj in (self.target_net, self.target_adapter) if obj is not None]
+        own = [obj for obj in (self.target_net, self.target_adapter) if obj is not None]
+        return own + (self.adversarial.checkpoint_objects() if self.adversarial is not None else [])
 
     # --- sampling, validation, export ----------------------------------------------------------------------
     @torch.no_grad()

@@ -21,7 +21,7 @@ from diffusers import DDIMScheduler
 from torch.optim.lr_scheduler import LambdaLR
 
 from stepdistill.errors import ConfigError
-from stepdistill.methods.adversarial import ADVERSARIAL_UNSHARDED, AdversarialOptions, AdversarialTerm
+from stepdistill.methods.adversarial import AdversarialOptions, AdversarialTerm
 from stepdistill.methods.common import (FrozenPassOptions, LatentMethodBase, LatentPromptData, TeacherWeightsOption,
                                        full_student, write_validation)
 from stepdistill.methods.export import STUDENT_META, replace_folder, sampling_grid_meta, write_model_card
@@ -180,9 +180,7 @@ class ProgressiveMethod(LatentMethodBase):
         # against the dataset's latents, so a round can aim past its teacher's sampler rather than only copy it.
         self.adversarial = AdversarialTerm(teacher, teacher.model, cfg, False, cfg.seed) if cfg.adversarial_weight > 0 else None
 
-    def sharding_refusal(self) -> str | None:
-        """Why these settings cannot run under FSDP, or None (the frozen teacher and the EMA stay whole)."""
-        return ADVERSARIAL_UNSHARDED if self.adversarial is not None else None
+    export_reads_model = False  # the export ships the EMA, a whole copy (a sharded run need not gather the student)
 
     def prepare_extra(self, accelerator: Accelerator, out: Path) -> None:
         if self.cfg.train_latents == "teacher":
@@ -291,7 +289,7 @@ class ProgressiveMethod(LatentMethodBase):
             replace_folder(out_dir / "rounds" / phase.folder, lambda tmp: self._export_pipeline(self.ema_net, tmp, phase.student_steps))
 
     def checkpoint_objects(self) -> list[Any]:
-        return [self.round_teacher, self.ema_net]
+        return [self.round_teacher, self.ema_net, *(self.adversarial.checkpoint_objects() if self.adversarial else [])]
 
     # --- sampling, validation, export ----------------------------------------------------------------------
     @torch.no_grad()

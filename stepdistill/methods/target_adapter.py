@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch.func import functional_call
 
+from stepdistill.training.sharding import copy_whole_into, lerp_towards
+
 
 class AdapterEMA:
     """Exponential moving average of a network's trainable tensors, runnable as a network of its own."""
@@ -40,27 +42,37 @@ class AdapterEMA:
         else:
             self.shadow = {name: live[name].detach().clone() for name in self._names}
 
+    def rebind_live(self) -> None:
+        """Look the live tensors up again after ``accelerator.prepare``: FSDP2 replaces the network's
+        parameters by sharded ones (DDP keeps them; then this changes nothing)."""
+        live = dict(self.net.named_parameters())
+        self._live = [live[name] for name in self._names]
+
     @torch.no_grad()
     def update(self) -> None:
-        """shadow <- decay * shadow + (1 - decay) * live, for every adapter tensor at once."""
-        torch._foreach_lerp_(list(self.shadow.values()), self._live, 1 - self.decay)
+        """shadow <- decay * shadow + (1 - decay) * live, for every adapter tensor at once (sharded live
+        tensors are gathered first)."""
+        lerp_towards(list(self.shadow.values()), self._live, 1 - self.decay)
 
     def module(self) -> torch.nn.Module:
         """The network with the EMA adapter in place of the live one (base weights shared, not copied)."""
         return self.holder if self.holder is not None else _WithTensors(self.net, self.shadow)
 
     @contextmanager
-    def swapped_in(self) -> Iterator[torch.nn.Module]:
-        """``net`` itself holding the EMA tensors for the duration, then its own again: a module a pipeline or an
+    def swapped_in(self, into: torch.nn.Module | None = None) -> Iterator[torch.nn.Module]:
+        """``net`` (or ``into``, a copy with the same parameter names, such as the whole copy of a sharded
+        student) holding the EMA tensors for the duration, then its own again: a module a pipeline or an
         exporter can take as it is (validation, the final export), at the cost of one copy of the live tensors."""
-        saved = [t.detach().clone() for t in self._live]
-        with torch.no_grad():
-            torch._foreach_copy_(self._live, list(self.shadow.values()))
+        target = self.net if into is None else into
+        live = self._live if into is None else [dict(into.named_parameters())[name] for name in self._names]
+        saved = [t.detach().clone() for t in live]
+        copy_whole_into(live, self.shadow.values())
         try:
-            yield self.net
+            yield target
         finally:
             with torch.no_grad():
-                torch._foreach_copy_(self._live, saved)
+                for tensor, own in zip(live, saved):  # one by one: DTensors have no foreach copy
+                    tensor.copy_(own)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.shadow)

@@ -26,7 +26,7 @@ from stepdistill.training.launch_check import lone_process_warning
 from stepdistill.training.log_window import LogWindow
 from stepdistill.training.nonfinite import NonFiniteCounter, step_unless_nonfinite
 from stepdistill.training.side_thread import thread_budget
-from stepdistill.training.sharding import check_sharding, is_sharded
+from stepdistill.training.sharding import check_sharding, is_sharded, whole_module
 from stepdistill.training.step_random import StepRandom, batch_indices
 from stepdistill.training.timing import timed
 from stepdistill.training.trainable_state import keep_checkpoints_to_trainable_weights
@@ -203,8 +203,12 @@ def _run_training(method: TrainingMethod, cfg: LoopConfig, tracker_config: dict[
     finally:
         getattr(method, "close", lambda: None)()  # optional: stop helper threads, also when a step failed
     accelerator.wait_for_everyone()
+    shipped = accelerator.unwrap_model(model)
+    # optional ``export_reads_model`` (default True): False where export writes a whole copy the method keeps
+    if is_sharded(accelerator) and getattr(method, "export_reads_model", True):
+        shipped = whole_module(shipped, accelerator.device)  # a collective: every process gathers, the main one writes
     if accelerator.is_main_process:
-        export_atomically(method, accelerator.unwrap_model(model), out)
+        export_atomically(method, shipped, out)
     accelerator.end_training()
     return logs
 

@@ -17,6 +17,12 @@ from accelerate.utils import DistributedType
 from stepdistill.errors import ConfigError
 
 
+# LoRA trainers' refusal: the adapter sits on the teacher network itself, and the teacher's (and target's)
+# passes run that network outside the sharded student's forward
+LORA_UNSHARDED = ("use_lora=true (a LoRA student's base is the teacher network, which the teacher passes run outside "
+                  "the sharded forward; use_lora=false trains a full student, which FSDP shards)")
+
+
 def is_sharded(accelerator: Accelerator) -> bool:
     """True when accelerate shards the prepared student (FSDP)."""
     return accelerator.distributed_type == DistributedType.FSDP
@@ -73,3 +79,30 @@ def load_whole_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) 
     sliced = {name: distribute_tensor(state[name].to(t.dtype), t.device_mesh, t.placements, src_data_rank=None)
               if isinstance(t, dtensor) else state[name] for name, t in own.items()}
     model.load_state_dict(sliced)
+
+
+@torch.no_grad()
+def copy_whole_into(targets: list[torch.Tensor], wholes: Iterable[torch.Tensor]) -> None:
+    """Copy whole tensors into ``targets``; a sharded target takes only its own slice (no communication)."""
+    dtensor = _dtensor()
+    for target, whole in zip(targets, wholes):
+        if isinstance(target, dtensor):
+            from torch.distributed.tensor import distribute_tensor
+
+            whole = distribute_tensor(whole.to(target.dtype), target.device_mesh, target.placements, src_data_rank=None)
+        target.copy_(whole)
+
+
+def whole_module(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """A plain copy on ``device``, with whole weights, of a diffusers network that FSDP2 shards (a collective:
+    every process calls it). FSDP2 changes the network's class in place; the copy is built from the original
+    class, directly on the device (on the host, eight processes' copies of a large network would not fit)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    cls = next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
+    state = module.state_dict()
+    with torch.device(device):
+        plain = cls.from_config(module.config)
+    plain.load_state_dict(dict(zip(state, full_tensors(state.values()))))
+    return plain
+
