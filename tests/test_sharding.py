@@ -59,6 +59,7 @@ def test_full_ladd_sharded_by_fsdp2_trains_as_one_process_and_resumes_bitwise(ra
 
     options = ["--use_lora", "false", "--max_train_steps", "4", "--checkpointing_steps", "2", "--checkpoints_total_limit",
                "3", "--student_steps", "2", "--student_sampler", "deterministic", "--ema_decay", "0.5", "--disc_hidden", "8",
+               "--synthetic_steps", "2",
                "--validation_steps", "4"]
     loss_one, losses_two, command = _runs("train_ladd.py", random_teachers / "sd", tmp_path, options, port=29567)
     assert len(losses_two) == 2 and all(abs(x - loss_one) < 1e-4 * max(1.0, abs(loss_one)) for x in losses_two)
