@@ -11,7 +11,7 @@ import pytest
 from accelerate.utils import DistributedType
 
 from stepdistill.errors import ConfigError
-from stepdistill.training.sharding import check_sharding
+from stepdistill.training.sharding import check_sharding, fsdp_fallback_warning
 
 
 def _runs(script: str, teacher_dir, tmp_path, options: list[str], port: int):
@@ -150,3 +150,12 @@ def test_fp16_discriminator_heads_under_fsdp_are_refused_in_one_line(random_teac
     fp16_fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP, scaler=object())
     with pytest.raises(ConfigError, match="mixed_precision=fp16 cannot train discriminator heads under FSDP"):
         method.adversarial.prepare(fp16_fsdp)
+
+
+def test_an_fsdp_launch_that_accelerate_runs_as_ddp_is_reported():
+    """On CPU processes accelerate turns an FSDP launch into DDP silently; the loop warns in one line."""
+    asked = {"ACCELERATE_USE_FSDP": "true"}
+    message = fsdp_fallback_warning(asked, _accelerator(DistributedType.MULTI_CPU))
+    assert message is not None and "runs this process as MULTI_CPU" in message and "not sharded" in message
+    assert fsdp_fallback_warning(asked, _accelerator(DistributedType.FSDP)) is None
+    assert fsdp_fallback_warning({}, _accelerator(DistributedType.MULTI_CPU)) is None

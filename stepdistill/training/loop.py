@@ -26,7 +26,7 @@ from stepdistill.training.launch_check import lone_process_warning
 from stepdistill.training.log_window import LogWindow
 from stepdistill.training.nonfinite import NonFiniteCounter, step_unless_nonfinite
 from stepdistill.training.side_thread import thread_budget
-from stepdistill.training.sharding import check_sharding, is_sharded, whole_module
+from stepdistill.training.sharding import check_sharding, fsdp_fallback_warning, is_sharded, whole_module
 from stepdistill.training.step_random import StepRandom, batch_indices
 from stepdistill.training.timing import timed
 from stepdistill.training.trainable_state import keep_checkpoints_to_trainable_weights
@@ -166,6 +166,9 @@ def _run_training(method: TrainingMethod, cfg: LoopConfig, tracker_config: dict[
                   accelerator: Accelerator | None) -> dict[str, float]:
     out = prepare_output_dir(cfg)
     accelerator = accelerator or make_accelerator(cfg, out)
+    fallback = fsdp_fallback_warning(os.environ, accelerator)
+    if fallback is not None:
+        warnings.warn(fallback, stacklevel=2)
     refusal = getattr(method, "sharding_refusal", lambda: None)()  # optional: why these settings cannot run under FSDP
     check_sharding(accelerator, method.name, refusal)
     keep_checkpoints_to_trainable_weights(accelerator)  # a LoRA student's frozen base comes from the teacher again

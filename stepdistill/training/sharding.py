@@ -28,6 +28,15 @@ def is_sharded(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
+def fsdp_fallback_warning(env: Mapping[str, str], accelerator: Accelerator) -> str | None:
+    """The warning for a run launched with an FSDP config that accelerate runs unsharded, else None: it shards
+    only on accelerator devices and turns FSDP launches on CPU processes into DDP without a word."""
+    if env.get("ACCELERATE_USE_FSDP", "false").lower() != "true" or is_sharded(accelerator):
+        return None
+    return (f"the launch asked for FSDP but accelerate runs this process as {accelerator.distributed_type.value} "
+            "(it shards only on GPUs): the student is not sharded")
+
+
 def check_sharding(accelerator: Accelerator, method_name: str, refusal: str | None) -> None:
     """Refuse, in one line, FSDP runs this code cannot do right: FSDP version 1 (its flattened parameters
     are not the student's own) and method settings a method refuses (``refusal`` says why)."""
