@@ -1,10 +1,10 @@
 """What the trainers need to run a student sharded by FSDP (accelerate's ``fsdp_version: 2``).
 
 Under FSDP2 every process holds only a slice of each student weight (a ``DTensor``). The EMA and target copies
-the full-model trainers keep beside the student stay whole, plain modules on every process (the frozen
-teacher is whole there too), so that their passes and exports need no collective and can run on a side
-thread or on the main process alone. Where they read the student (EMA updates, a progressive round's
-handoff) the student's weights are gathered first; every process must make those calls together.
+the full-model trainers keep beside the student stay whole, plain modules on every process (as do the frozen
+teacher and discriminator heads), so that their passes and exports need no collective and can run on a side
+thread or on the main process alone. Where the student is read whole (EMA updates, a progressive round's
+handoff, LADD's export) its weights are gathered or cut here; every process must make those calls together.
 """
 from __future__ import annotations
 
