@@ -8,6 +8,7 @@ handoff, LADD's export) its weights are gathered or cut here; every process must
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -51,6 +52,7 @@ def check_sharding(accelerator: Accelerator, method_name: str, refusal: str | No
                           "(configs/accelerate/ddp_8gpu.yaml)")
 
 
+@functools.cache  # looked up once: the EMA update calls it every step
 def _dtensor() -> type | tuple:
     """torch's DTensor class, or an empty tuple (matches nothing) where torch has no public one (before 2.5;
     accelerate's FSDP2 needs 2.6 anyway)."""
