@@ -6,9 +6,25 @@ import os
 import pytest
 import torch
 
+from stepdistill.training.side_thread import cores_per_process
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def _pin_xdist_worker() -> None:
+    """pytest-xdist runs the tests in several worker processes: give each its own share of the cores, so the
+    trainers (which size their threads from the process's affinity) do not oversubscribe them."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker or count < 2 or not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    index = int(worker.removeprefix("gw"))
+    os.sched_setaffinity(0, cores[index::count] or [cores[index % len(cores)]])
+
+
+_pin_xdist_worker()
+torch.set_num_threads(min(2, cores_per_process()))
 
 CAPTIONS = ["hamster face", "red apple", "rocket", "grinning face", "sun", "fire", "snowman", "banana"]
 
