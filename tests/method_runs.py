@@ -66,20 +66,31 @@ def two_process_launch(launcher: str, port: int) -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--main_process_port", str(port)]
 
 
-def fsdp_launch(port: int, folder: Path) -> list[str]:
-    """The command start for 2 CPU processes under accelerate's FSDP path: the shipped FSDP config cut down to
-    one machine, two processes and no mixed precision, and ``fsdp_on_cpu.py`` in front of the script (it
-    keeps accelerate on FSDP, which it would otherwise replace by DDP on a machine without GPUs)."""
+def cpu_launch(config_name: str, port: int, folder: Path) -> list[str]:
+    """The command start for 2 CPU processes under accelerate's FSDP or DeepSpeed path: the shipped config
+    ``configs/accelerate/<config_name>`` cut down to one machine, two processes and no mixed precision, and
+    ``accelerate_on_cpu.py`` in front of the script (it keeps accelerate on that path, which it would
+    otherwise replace by DDP on a machine without GPUs)."""
     import yaml
 
-    config = yaml.safe_load((ROOT / "configs" / "accelerate" / "fsdp_2node.yaml").read_text())
+    config = yaml.safe_load((ROOT / "configs" / "accelerate" / config_name).read_text())
     for key in ("machine_rank", "main_process_ip"):
-        config.pop(key)
+        config.pop(key, None)
     config.update(num_machines=1, num_processes=2, mixed_precision="no", use_cpu=True)
-    path = folder / "fsdp_2proc_cpu.yaml"
+    path = folder / f"cpu_2proc_{config_name}"
     path.write_text(yaml.safe_dump(config))
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path), "--main_process_port",
-            str(port), str(ROOT / "tests" / "fsdp_on_cpu.py")]
+            str(port), str(ROOT / "tests" / "accelerate_on_cpu.py")]
+
+
+def fsdp_launch(port: int, folder: Path) -> list[str]:
+    """:func:`cpu_launch` with the shipped FSDP2 config."""
+    return cpu_launch("fsdp_2node.yaml", port, folder)
+
+
+def deepspeed_launch(port: int, folder: Path) -> list[str]:
+    """:func:`cpu_launch` with the shipped DeepSpeed ZeRO-2 config."""
+    return cpu_launch("deepspeed_zero2.yaml", port, folder)
 
 
 def run_ok(command: list[str]) -> subprocess.CompletedProcess:

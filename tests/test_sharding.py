@@ -1,5 +1,5 @@
 """Full-model students sharded by FSDP2, run through accelerate's real FSDP code path on 2 CPU processes
-(``fsdp_on_cpu.py``): the same training as one process, checkpoints that resume bitwise, and a one-line
+(``accelerate_on_cpu.py``): the same training as one process, checkpoints that resume bitwise, and a one-line
 refusal for the settings that cannot run sharded."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from accelerate.utils import DistributedType
 
 from stepdistill.errors import ConfigError
-from stepdistill.training.sharding import check_sharding, fsdp_fallback_warning
+from stepdistill.training.sharding import check_sharding, launch_fallback_warning
 
 
 def _runs(script: str, teacher_dir, tmp_path, options: list[str], port: int):
@@ -152,10 +152,12 @@ def test_fp16_discriminator_heads_under_fsdp_are_refused_in_one_line(random_teac
         method.adversarial.prepare(fp16_fsdp)
 
 
-def test_an_fsdp_launch_that_accelerate_runs_as_ddp_is_reported():
-    """On CPU processes accelerate turns an FSDP launch into DDP silently; the loop warns in one line."""
-    asked = {"ACCELERATE_USE_FSDP": "true"}
-    message = fsdp_fallback_warning(asked, _accelerator(DistributedType.MULTI_CPU))
-    assert message is not None and "runs this process as MULTI_CPU" in message and "not sharded" in message
-    assert fsdp_fallback_warning(asked, _accelerator(DistributedType.FSDP)) is None
-    assert fsdp_fallback_warning({}, _accelerator(DistributedType.MULTI_CPU)) is None
+@pytest.mark.parametrize("flag, name, kind", [("ACCELERATE_USE_FSDP", "FSDP", DistributedType.FSDP),
+                                              ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed", DistributedType.DEEPSPEED)])
+def test_an_fsdp_or_deepspeed_launch_that_accelerate_runs_as_ddp_is_reported(flag, name, kind):
+    """On CPU processes accelerate turns FSDP and DeepSpeed launches into DDP silently; the loop warns in one line."""
+    asked = {flag: "true"}
+    message = launch_fallback_warning(asked, _accelerator(DistributedType.MULTI_CPU))
+    assert message is not None and f"asked for {name} but" in message and "runs this process as MULTI_CPU" in message
+    assert launch_fallback_warning(asked, _accelerator(kind)) is None
+    assert launch_fallback_warning({}, _accelerator(DistributedType.MULTI_CPU)) is None

@@ -20,6 +20,7 @@ from stepdistill.methods.folded_lora import BaseTwin
 from stepdistill.sampling import latent_shape
 from stepdistill.teacher import PromptEmbeds, TeacherWrapper
 from stepdistill.training.nonfinite import step_unless_nonfinite
+from stepdistill.training.deepspeed_setup import uses_deepspeed
 from stepdistill.training.sharding import is_sharded
 from stepdistill.training.step_random import StepRandom
 from stepdistill.training.timing import timed
@@ -56,6 +57,12 @@ def pooled_text(embeds: PromptEmbeds) -> torch.Tensor:
     return (embeds.hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
 
 
+def _heads_outside_accelerate(accelerator: Accelerator) -> bool:
+    """True where the heads must not go through ``accelerate.prepare``: under FSDP it would shard them with the
+    student's wrap policy, under DeepSpeed it would make them a second engine (accelerate takes one model)."""
+    return is_sharded(accelerator) or uses_deepspeed(accelerator)
+
+
 class AdversarialTerm:
     """Teacher-feature discriminator with its own optimizer, trained inside the student's step."""
 
@@ -77,12 +84,11 @@ class AdversarialTerm:
         self.prepared_heads: torch.nn.Module = self.heads
 
     def prepare(self, accelerator: Accelerator) -> None:
-        """Register heads and optimizer with the run's accelerator (device, DDP, checkpoints). Under FSDP
-        accelerate would shard the heads with the student's wrap policy (which has no block to wrap in them)
-        and pair their optimizer with a sharded model when saving: there the heads are replicated with plain
-        DDP and checkpointed by the trainer (:meth:`checkpoint_objects`)."""
+        """Register heads and optimizer with the run's accelerator (device, DDP, checkpoints). Under FSDP and
+        DeepSpeed accelerate cannot take them beside the student (see :func:`_heads_outside_accelerate`): there
+        the heads are replicated with plain DDP and checkpointed by the trainer (:meth:`checkpoint_objects`)."""
         self.accelerator = accelerator
-        if is_sharded(accelerator):
+        if _heads_outside_accelerate(accelerator):
             if accelerator.scaler is not None:
                 raise ConfigError("mixed_precision=fp16 cannot train discriminator heads under FSDP (their optimizer is "
                                   "outside accelerate's gradient scaler there); use mixed_precision=bf16")
@@ -95,7 +101,8 @@ class AdversarialTerm:
     def checkpoint_objects(self) -> list[Any]:
         """What the trainer must checkpoint itself: the heads and their optimizer where accelerate does not
         (FSDP runs), else nothing."""
-        return [self.heads, self.optimizer] if self.accelerator is not None and is_sharded(self.accelerator) else []
+        outside = self.accelerator is not None and _heads_outside_accelerate(self.accelerator)
+        return [self.heads, self.optimizer] if outside else []
 
     def features(self, x: torch.Tensor, t: torch.Tensor, embeds: PromptEmbeds) -> list[torch.Tensor]:
         """Frozen teacher features; in LoRA mode the teacher is the student network's base twin (no adapter layers)."""
@@ -145,8 +152,12 @@ class AdversarialTerm:
             loss = loss + self.opts.disc_r1_weight * penalty
             logs["d_r1"] = penalty.detach()
         self.optimizer.zero_grad(set_to_none=True)
-        self.accelerator.backward(loss)
-        norm = self.accelerator.clip_grad_norm_(self.prepared_heads.parameters(), 1.0)
+        if _heads_outside_accelerate(self.accelerator):  # accelerate's calls would reach the student's engine
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(self.heads.parameters(), 1.0)
+        else:
+            self.accelerator.backward(loss)
+            norm = self.accelerator.clip_grad_norm_(self.prepared_heads.parameters(), 1.0)
         step_unless_nonfinite(self.optimizer, loss, norm, self.accelerator)
         self.optimizer.zero_grad(set_to_none=True)
         logs["d_real"] = torch.cat([r.detach().flatten() for r in real]).mean()

@@ -30,6 +30,7 @@ from stepdistill.solvers import (ddim_step, deterministic_grid, guidance_scale_e
                                  uniform_call_sigmas)
 from stepdistill.teacher import Prediction, TeacherWrapper
 from stepdistill.training.loop import LoopConfig
+from stepdistill.training.deepspeed_setup import refresh_engine_master_weights
 from stepdistill.training.sharding import lerp_towards, load_whole_state
 from stepdistill.training.step_random import StepRandom
 from stepdistill.training.timing import timed
@@ -285,6 +286,7 @@ class ProgressiveMethod(LatentMethodBase):
             return
         self.round_teacher.load_state_dict(self.ema_net.state_dict())
         load_whole_state(accelerator.unwrap_model(model), self.ema_net.state_dict())
+        refresh_engine_master_weights(model)
         if accelerator.is_main_process:
             replace_folder(out_dir / "rounds" / phase.folder, lambda tmp: self._export_pipeline(self.ema_net, tmp, phase.student_steps))
 

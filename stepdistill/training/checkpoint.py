@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from stepdistill.errors import ConfigError, DiskFullError
+from stepdistill.training.deepspeed_setup import engine_save_options
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 META_FILE = "stepdistill_checkpoint.json"
@@ -96,7 +97,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, train
     accelerator.wait_for_everyone()
     kept = "the earlier checkpoints are kept: free some space, then rerun with --resume_from_checkpoint latest"
     with removed_unless_finished(tmp, f"checkpoint-{step} into {str(output_dir)!r}", kept):
-        accelerator.save_state(str(tmp))
+        accelerator.save_state(str(tmp), **engine_save_options(accelerator))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             save_extra_states(list(extra_objects), tmp)

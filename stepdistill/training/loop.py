@@ -26,7 +26,8 @@ from stepdistill.training.launch_check import lone_process_warning
 from stepdistill.training.log_window import LogWindow
 from stepdistill.training.nonfinite import NonFiniteCounter, step_unless_nonfinite
 from stepdistill.training.side_thread import thread_budget
-from stepdistill.training.sharding import check_sharding, fsdp_fallback_warning, is_sharded, whole_module
+from stepdistill.training.deepspeed_setup import configure_deepspeed, engine_load_options, weights_only_engine_loads
+from stepdistill.training.sharding import check_sharding, launch_fallback_warning, is_sharded, whole_module
 from stepdistill.training.step_random import StepRandom, batch_indices
 from stepdistill.training.timing import timed
 from stepdistill.training.trainable_state import keep_checkpoints_to_trainable_weights
@@ -166,11 +167,12 @@ def _run_training(method: TrainingMethod, cfg: LoopConfig, tracker_config: dict[
                   accelerator: Accelerator | None) -> dict[str, float]:
     out = prepare_output_dir(cfg)
     accelerator = accelerator or make_accelerator(cfg, out)
-    fallback = fsdp_fallback_warning(os.environ, accelerator)
+    fallback = launch_fallback_warning(os.environ, accelerator)
     if fallback is not None:
         warnings.warn(fallback, stacklevel=2)
     refusal = getattr(method, "sharding_refusal", lambda: None)()  # optional: why these settings cannot run under FSDP
     check_sharding(accelerator, method.name, refusal)
+    configure_deepspeed(accelerator, cfg.train_batch_size, cfg.max_grad_norm)
     keep_checkpoints_to_trainable_weights(accelerator)  # a LoRA student's frozen base comes from the teacher again
     to_device = getattr(method, "to_device", None)  # optional: networks and state accelerate does not place
     if to_device is not None:
@@ -194,7 +196,8 @@ def _run_training(method: TrainingMethod, cfg: LoopConfig, tracker_config: dict[
     identity = getattr(method, "checkpoint_identity", dict)()  # optional: settings a resume must keep
     resume = resolve_resume(out, cfg.resume_from_checkpoint, method.name, identity)
     if resume is not None:
-        accelerator.load_state(str(resume[0]))
+        with weights_only_engine_loads(accelerator):
+            accelerator.load_state(str(resume[0]), **engine_load_options(accelerator, model))
         load_extra_states(method.checkpoint_objects(), resume[0])
         start = resume[1]
     if accelerator.is_main_process and cfg.report_to != "none":

@@ -29,13 +29,16 @@ def is_sharded(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
-def fsdp_fallback_warning(env: Mapping[str, str], accelerator: Accelerator) -> str | None:
-    """The warning for a run launched with an FSDP config that accelerate runs unsharded, else None: it shards
-    only on accelerator devices and turns FSDP launches on CPU processes into DDP without a word."""
-    if env.get("ACCELERATE_USE_FSDP", "false").lower() != "true" or is_sharded(accelerator):
-        return None
-    return (f"the launch asked for FSDP but accelerate runs this process as {accelerator.distributed_type.value} "
-            "(it shards only on GPUs): the student is not sharded")
+def launch_fallback_warning(env: Mapping[str, str], accelerator: Accelerator) -> str | None:
+    """The warning for a run launched with an FSDP or DeepSpeed config that accelerate runs without it, else
+    None: it takes those paths only on accelerator devices and turns such launches on CPU processes into DDP
+    without a word."""
+    for name, flag, kind in (("FSDP", "ACCELERATE_USE_FSDP", DistributedType.FSDP),
+                             ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED", DistributedType.DEEPSPEED)):
+        if env.get(flag, "false").lower() == "true" and accelerator.distributed_type != kind:
+            return (f"the launch asked for {name} but accelerate runs this process as "
+                    f"{accelerator.distributed_type.value} (it uses {name} only on GPUs): the run goes on without it")
+    return None
 
 
 def check_sharding(accelerator: Accelerator, method_name: str, refusal: str | None) -> None:
