@@ -19,8 +19,8 @@ from stepdistill.errors import ConfigError
 from stepdistill.methods.folded_lora import BaseTwin
 from stepdistill.sampling import latent_shape
 from stepdistill.teacher import PromptEmbeds, TeacherWrapper
-from stepdistill.training.nonfinite import step_unless_nonfinite
 from stepdistill.training.deepspeed_setup import uses_deepspeed
+from stepdistill.training.nonfinite import step_unless_nonfinite
 from stepdistill.training.sharding import is_sharded
 from stepdistill.training.step_random import StepRandom
 from stepdistill.training.timing import timed
@@ -100,7 +100,7 @@ class AdversarialTerm:
 
     def checkpoint_objects(self) -> list[Any]:
         """What the trainer must checkpoint itself: the heads and their optimizer where accelerate does not
-        (FSDP runs), else nothing."""
+        (FSDP and DeepSpeed runs), else nothing."""
         outside = self.accelerator is not None and _heads_outside_accelerate(self.accelerator)
         return [self.heads, self.optimizer] if outside else []
 

@@ -50,7 +50,7 @@ def configure_deepspeed(accelerator: Accelerator, train_batch_size: int, max_gra
 @contextlib.contextmanager
 def weights_only_engine_loads(accelerator: Accelerator) -> Iterator[None]:
     """Make DeepSpeed read its checkpoint files with the weights-only unpickler while a resume loads them.
-    Its engine calls ``torch.load(weights_only=False)``; the files it writes hold only tensors, containers and
+    Its engine unpickles them without that restriction; the files it writes hold only tensors, containers and
     four small DeepSpeed value classes, allowlisted here, so a checkpoint with anything else fails to load."""
     if not uses_deepspeed(accelerator):
         yield

@@ -22,12 +22,12 @@ from stepdistill.errors import ConfigError, StepdistillError
 from stepdistill.methods.export import replace_folder
 from stepdistill.training.accel import speed_up_networks
 from stepdistill.training.checkpoint import list_checkpoints, load_extra_states, resolve_resume, save_checkpoint
+from stepdistill.training.deepspeed_setup import configure_deepspeed, engine_load_options, weights_only_engine_loads
 from stepdistill.training.launch_check import lone_process_warning
 from stepdistill.training.log_window import LogWindow
 from stepdistill.training.nonfinite import NonFiniteCounter, step_unless_nonfinite
 from stepdistill.training.side_thread import thread_budget
-from stepdistill.training.deepspeed_setup import configure_deepspeed, engine_load_options, weights_only_engine_loads
-from stepdistill.training.sharding import check_sharding, launch_fallback_warning, is_sharded, whole_module
+from stepdistill.training.sharding import check_sharding, is_sharded, launch_fallback_warning, whole_module
 from stepdistill.training.step_random import StepRandom, batch_indices
 from stepdistill.training.timing import timed
 from stepdistill.training.trainable_state import keep_checkpoints_to_trainable_weights
