@@ -100,18 +100,26 @@ def run_ok(command: list[str]) -> subprocess.CompletedProcess:
     return done
 
 
-def one_and_two_process_losses(script: str, teacher_dir: Path, options: list[str], out: Path, port: int,
-                               launcher: str = "torchrun") -> tuple[float, list[float]]:
+def one_and_launched_runs(script: str, teacher_dir: Path, options: list[str], out: Path,
+                          launch: list[str]) -> tuple[float, list[float], list[str]]:
     """Run ``train_scripts/<script>`` on the random teacher and ``small_npz`` data, with the settings every
     distributed test shares (no warm-up, no validation, one thread each) plus ``options``: as 1 process x batch 4
-    (into out/one) and as 2 gloo processes x batch 2 (into out/two), started by ``torchrun`` or by ``accelerate
-    launch`` with the shipped two-process CPU config; return the single run's final loss and each process's."""
+    (into out/one) and as 2 processes x batch 2 started by ``launch`` (into out/two). Returns the single run's
+    final loss, each launched process's, and the launched command without its output folder (for more runs)."""
     script, options = script_command(script, teacher_dir, out, options)
     single = run_ok([sys.executable, script, *options, "--output_dir", str(out / "one"), "--train_batch_size", "4"])
-    double = run_ok([*two_process_launch(launcher, port), script, *options, "--output_dir", str(out / "two"),
-                     "--train_batch_size", "2"])
+    command = [*launch, script, *options, "--train_batch_size", "2"]
+    double = run_ok([*command, "--output_dir", str(out / "two")])
     loss_one = float(single.stdout.split("final loss ")[1].split(";")[0])
-    return loss_one, [float(part.split(";")[0]) for part in double.stdout.split("final loss ")[1:]]
+    return loss_one, [float(part.split(";")[0]) for part in double.stdout.split("final loss ")[1:]], command
+
+
+def one_and_two_process_losses(script: str, teacher_dir: Path, options: list[str], out: Path, port: int,
+                               launcher: str = "torchrun") -> tuple[float, list[float]]:
+    """:func:`one_and_launched_runs` as 2 gloo processes started by ``torchrun`` or by ``accelerate launch``
+    with the shipped two-process CPU config; returns the single run's final loss and each process's."""
+    loss_one, losses_two, _ = one_and_launched_runs(script, teacher_dir, options, out, two_process_launch(launcher, port))
+    return loss_one, losses_two
 
 
 def apart_over_moved(one: dict, two: dict, start: dict) -> float:

@@ -4,7 +4,6 @@ through the weights-only unpickler, and one-line refusals for what cannot run.""
 from __future__ import annotations
 
 import shutil
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -20,14 +19,9 @@ pytest.importorskip("deepspeed")
 def _runs(script: str, teacher_dir, tmp_path, options: list[str], port: int):
     """``script`` as 1 process x batch 4 (tmp/one) and as 2 ZeRO-2 processes x batch 2 (tmp/two); returns the
     single run's final loss, each DeepSpeed process's, and the DeepSpeed command for more runs."""
-    from method_runs import deepspeed_launch, run_ok, script_command
+    from method_runs import deepspeed_launch, one_and_launched_runs
 
-    path, common = script_command(script, teacher_dir, tmp_path, options)
-    single = run_ok([sys.executable, path, *common, "--output_dir", str(tmp_path / "one"), "--train_batch_size", "4"])
-    command = [*deepspeed_launch(port, tmp_path), path, *common, "--train_batch_size", "2"]
-    double = run_ok([*command, "--output_dir", str(tmp_path / "two")])
-    loss_one = float(single.stdout.split("final loss ")[1].split(";")[0])
-    return loss_one, [float(part.split(";")[0]) for part in double.stdout.split("final loss ")[1:]], command
+    return one_and_launched_runs(script, teacher_dir, options, tmp_path, deepspeed_launch(port, tmp_path))
 
 
 def _resumed_from_step_2(command, tmp_path):

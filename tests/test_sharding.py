@@ -4,7 +4,6 @@ refusal for the settings that cannot run sharded."""
 from __future__ import annotations
 
 import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -16,15 +15,10 @@ from stepdistill.training.sharding import check_sharding, launch_fallback_warnin
 
 def _runs(script: str, teacher_dir, tmp_path, options: list[str], port: int):
     """``script`` as 1 process x batch 4 (tmp/one) and as 2 FSDP2 processes x batch 2 (tmp/two); returns the
-    single run's final loss, each FSDP process's, and the common command parts for more runs."""
-    from method_runs import fsdp_launch, run_ok, script_command
+    single run's final loss, each FSDP process's, and the FSDP command for more runs."""
+    from method_runs import fsdp_launch, one_and_launched_runs
 
-    path, common = script_command(script, teacher_dir, tmp_path, options)
-    single = run_ok([sys.executable, path, *common, "--output_dir", str(tmp_path / "one"), "--train_batch_size", "4"])
-    sharded_command = [*fsdp_launch(port, tmp_path), path, *common, "--train_batch_size", "2"]
-    sharded = run_ok([*sharded_command, "--output_dir", str(tmp_path / "two")])
-    loss_one = float(single.stdout.split("final loss ")[1].split(";")[0])
-    return loss_one, [float(part.split(";")[0]) for part in sharded.stdout.split("final loss ")[1:]], sharded_command
+    return one_and_launched_runs(script, teacher_dir, options, tmp_path, fsdp_launch(port, tmp_path))
 
 
 def _weights(folder):
