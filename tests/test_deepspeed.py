@@ -115,3 +115,23 @@ def test_configure_fills_the_batch_and_clipping_the_loop_owns():
 def test_configure_refuses_in_one_line(config, match):
     with pytest.raises(ConfigError, match=match):
         configure_deepspeed(_deepspeed_accelerator(config), train_batch_size=4, max_grad_norm=1.0)
+
+
+def test_a_resume_through_another_checkpoint_engine_is_refused():
+    """Only DeepSpeed's default engine is made to read weights-only; another engine would unpickle freely."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    from stepdistill.training.deepspeed_setup import weights_only_engine_loads
+
+    class OtherEngine:
+        pass
+
+    accelerator = _deepspeed_accelerator({})
+    with pytest.raises(ConfigError, match="resuming through DeepSpeed's OtherEngine is not supported"):
+        with weights_only_engine_loads(accelerator, SimpleNamespace(checkpoint_engine=OtherEngine())):
+            pass
+    default = TorchCheckpointEngine.__new__(TorchCheckpointEngine)
+    original = TorchCheckpointEngine.load
+    with weights_only_engine_loads(accelerator, SimpleNamespace(checkpoint_engine=default)):
+        assert TorchCheckpointEngine.load is not original  # patched while the resume loads
+    assert TorchCheckpointEngine.load is original

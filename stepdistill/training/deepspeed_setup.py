@@ -48,14 +48,21 @@ def configure_deepspeed(accelerator: Accelerator, train_batch_size: int, max_gra
 
 
 @contextlib.contextmanager
-def weights_only_engine_loads(accelerator: Accelerator) -> Iterator[None]:
+def weights_only_engine_loads(accelerator: Accelerator, model: torch.nn.Module) -> Iterator[None]:
     """Make DeepSpeed read its checkpoint files with the weights-only unpickler while a resume loads them.
     Its engine unpickles them without that restriction; the files it writes hold only tensors, containers and
-    four small DeepSpeed value classes, allowlisted here, so a checkpoint with anything else fails to load."""
+    four small DeepSpeed value classes, allowlisted here, so a checkpoint with anything else fails to load.
+    Only DeepSpeed's default (torch) checkpoint engine is patched; a resume through another one is refused."""
     if not uses_deepspeed(accelerator):
         yield
         return
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    kind = type(getattr(model, "checkpoint_engine", None))
+    if kind is not TorchCheckpointEngine:
+        raise ConfigError(f"resuming through DeepSpeed's {kind.__name__} is not supported (only its default torch "
+                          "checkpoint engine is read weights-only here); remove the checkpoint engine setting "
+                          "from the DeepSpeed config")
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address

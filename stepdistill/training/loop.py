@@ -196,7 +196,7 @@ def _run_training(method: TrainingMethod, cfg: LoopConfig, tracker_config: dict[
     identity = getattr(method, "checkpoint_identity", dict)()  # optional: settings a resume must keep
     resume = resolve_resume(out, cfg.resume_from_checkpoint, method.name, identity)
     if resume is not None:
-        with weights_only_engine_loads(accelerator):
+        with weights_only_engine_loads(accelerator, model):
             accelerator.load_state(str(resume[0]), **engine_load_options(accelerator, model))
         load_extra_states(method.checkpoint_objects(), resume[0])
         start = resume[1]
