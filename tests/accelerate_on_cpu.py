@@ -25,9 +25,13 @@ def _switch_to_launched_path() -> None:
         if fsdp_plugin is not None:
             self.fsdp_plugin, kind = fsdp_plugin, DistributedType.FSDP
         else:
-            import deepspeed.comm.torch
+            import importlib
 
-            deepspeed.comm.torch.build_shm_op = lambda: None  # a C++ build of a kernel only inference uses
+            import deepspeed.comm
+
+            # skip the C++ build of a shared-memory kernel only inference uses (``deepspeed.comm.torch`` is the
+            # torch library there, re-exported by the package; the backend module is found by its full name)
+            importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
             deepspeed.comm.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
             self.deepspeed_plugins, kind = deepspeed_plugin, DistributedType.DEEPSPEED
             deepspeed_plugin.set_mixed_precision(self._mixed_precision)
