@@ -18,7 +18,8 @@ import torch
 from stepdistill.config import parse_cli
 from stepdistill.data.emoji32 import load_emoji32
 from stepdistill.errors import cli_errors
-from stepdistill.methods.common import LatentPromptData, adapters_disabled
+from stepdistill.methods.common import adapters_disabled
+from stepdistill.methods.latent_data import LatentPromptData
 from stepdistill.methods.lcm import LCMConfig, LCMMethod
 from stepdistill.sampling import decode, initial_noise, sample_latents
 from stepdistill.solvers import sample_ddim, sampling_grid
@@ -40,7 +41,7 @@ def _distances(teacher, a: torch.Tensor, b: torch.Tensor) -> str:
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_cli(LCMConfig, argv)
     teacher = load_teacher(resolve_teacher_path(cfg.pretrained_teacher_model), max_sequence_length=cfg.max_sequence_length)
-    data = LatentPromptData(teacher, load_emoji32())
+    data = LatentPromptData.from_images(teacher, load_emoji32())
     method = LCMMethod(cfg, teacher, data)
     model = method.trainable_module()
     params = [p for p in model.parameters() if p.requires_grad]

@@ -18,6 +18,7 @@ import torch
 from diffusers import DiffusionPipeline, FluxPipeline
 
 from stepdistill.errors import ModelError
+from stepdistill.prompt_cache import PromptCache
 from stepdistill.schedule import NoiseSchedule
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
@@ -228,7 +229,7 @@ class TeacherWrapper:
             warnings.warn(f"max_sequence_length={max_sequence_length} cuts every prompt to that many T5 tokens; the "
                           "pipelines use 256 (SD3), 300 (PixArt-Sigma) or 512 (Flux): pass --max_sequence_length; "
                           "the testbed DiT without T5 uses 8", stacklevel=2)
-        self._prompt_cache: dict[str, PromptEmbeds] = {}
+        self.prompt_cache = PromptCache()
 
     @property
     def latent_size(self) -> int:
@@ -279,13 +280,9 @@ class TeacherWrapper:
     # --- prompts -------------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
-        """Prompt embeddings with a per-prompt cache (the empty prompt included), on the model's device."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
-        if missing:
-            for prompt, embeds in zip(missing, self.encode_uncached(missing)):
-                self._prompt_cache[prompt] = embeds
+        """Prompt embeddings through the byte-bounded cache (``prompt_cache``), on the model's device."""
         device = next(self.model.parameters()).device
-        return PromptEmbeds.cat([self._prompt_cache[p] for p in prompts]).to(device)
+        return PromptEmbeds.cat(self.prompt_cache.lookup(prompts, self.encode_uncached)).to(device)
 
     def encode_uncached(self, prompts: list[str]) -> list[PromptEmbeds]:
         """One text-encoder call for ``prompts`` (no cache): what a pipeline call pays for its prompts."""

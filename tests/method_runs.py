@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from stepdistill.data.emoji32 import load_emoji32
-from stepdistill.methods.common import LatentPromptData
+from stepdistill.methods.latent_data import LatentPromptData
 from stepdistill.teacher import WEIGHT_DTYPES, load_teacher
 from stepdistill.training.loop import run_training
 
@@ -32,7 +32,7 @@ def build_method(config_cls: type, method_cls: type, teacher_dir: Path, out: Pat
     cfg = config_cls(**{**base, "pretrained_teacher_model": str(teacher_dir), "output_dir": str(out), **options})
     cfg.validate()
     teacher = load_teacher(teacher_dir, dtype=WEIGHT_DTYPES[cfg.teacher_weight_dtype], max_sequence_length=8)
-    return method_cls(cfg, teacher, LatentPromptData(teacher, small_data()))
+    return method_cls(cfg, teacher, LatentPromptData.from_images(teacher, small_data()))
 
 
 def train_method(config_cls: type, method_cls: type, teacher_dir: Path, out: Path, **options: Any):

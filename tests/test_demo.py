@@ -31,7 +31,7 @@ def student_dir(tmp_path_factory) -> Path:
 def lora_dir(tmp_path_factory) -> Path:
     """A real LCM-LoRA export of tiny-sd (two training steps: the demo only needs it to load and run)."""
     from stepdistill.data.emoji32 import load_emoji32
-    from stepdistill.methods.common import LatentPromptData
+    from stepdistill.methods.latent_data import LatentPromptData
     from stepdistill.methods.lcm import LCMConfig, LCMMethod
     from stepdistill.training.loop import run_training
 
@@ -42,7 +42,7 @@ def lora_dir(tmp_path_factory) -> Path:
     teacher = load_teacher(shipped_teacher_path("tiny-sd"))
     data = load_emoji32()
     data.images, data.captions = data.images[:8], data.captions[:8]
-    run_training(LCMMethod(cfg, teacher, LatentPromptData(teacher, data)), cfg)
+    run_training(LCMMethod(cfg, teacher, LatentPromptData.from_images(teacher, data)), cfg)
     return out / "lora"
 
 

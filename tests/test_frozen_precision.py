@@ -12,7 +12,7 @@ import torch
 from method_runs import FAST_RUN, small_data
 from stepdistill.config import parse_cli
 from stepdistill.errors import ConfigError
-from stepdistill.methods.common import LatentPromptData
+from stepdistill.methods.latent_data import LatentPromptData
 from stepdistill.methods.ladd import LADDConfig
 from stepdistill.methods.lcm import LCMConfig, LCMMethod
 from stepdistill.methods.progressive import ProgressiveConfig, ProgressiveMethod
@@ -27,7 +27,7 @@ def build(config_cls: type, method_cls: type, teacher_dir: Path, out: Path, **op
     cfg = config_cls(**{**base, "pretrained_teacher_model": str(teacher_dir), "output_dir": str(out), **options})
     cfg.validate()
     teacher = load_teacher(teacher_dir, max_sequence_length=8)
-    return cfg, method_cls(cfg, teacher, LatentPromptData(teacher, small_data()))
+    return cfg, method_cls(cfg, teacher, LatentPromptData.from_images(teacher, small_data()))
 
 
 def record_pass_precision(method) -> set[tuple[bool, torch.dtype | None]]:

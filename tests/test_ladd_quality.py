@@ -7,7 +7,7 @@ import torch
 from stepdistill.data.emoji32 import load_emoji32
 from stepdistill.evaluation.emoji_evaluator import load_evaluator
 from stepdistill.evaluation.metrics import evaluator_outputs
-from stepdistill.methods.common import LatentPromptData
+from stepdistill.methods.latent_data import LatentPromptData
 from stepdistill.methods.ladd import LADDConfig, LADDMethod
 from stepdistill.sampling import decode, initial_noise
 from stepdistill.teacher import load_teacher
@@ -28,7 +28,7 @@ def test_short_ladd_run_separates_real_from_student_and_improves_the_one_step_st
     data = load_emoji32()
     rows = torch.linspace(0, len(data.captions) - 1, NUM).long()
     data.images, data.captions = data.images[rows.numpy()], [data.captions[i] for i in rows]
-    method = LADDMethod(cfg, teacher, LatentPromptData(teacher, data))
+    method = LADDMethod(cfg, teacher, LatentPromptData.from_images(teacher, data))
     evaluator = load_evaluator()
     noise = initial_noise(teacher, NUM, seed=321)
     own_real, _ = evaluator_outputs(evaluator, data.pixel_tensor())

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from stepdistill.data.emoji32 import load_emoji32
-from stepdistill.methods.common import LatentPromptData, adapters_disabled
+from stepdistill.methods.common import adapters_disabled
+from stepdistill.methods.latent_data import LatentPromptData
 from stepdistill.methods.lcm import LCMConfig, LCMMethod
 from stepdistill.sampling import decode, initial_noise, sample_latents
 from stepdistill.solvers import sample_ddim, sampling_grid
@@ -34,7 +35,7 @@ def test_short_lcm_lora_run_lowers_its_loss_and_beats_the_teachers_shipped_four_
     cfg.validate()
     teacher = load_teacher(shipped_teacher_path("tiny-sd"))
     data = load_emoji32()
-    method = LCMMethod(cfg, teacher, LatentPromptData(teacher, data))
+    method = LCMMethod(cfg, teacher, LatentPromptData.from_images(teacher, data))
     prompts = [data.captions[i] for i in torch.linspace(0, len(data.captions) - 1, 32).long().tolist()]
     noise = initial_noise(teacher, len(prompts), seed=123)
     with adapters_disabled(method.student_net, True), torch.no_grad():

@@ -13,7 +13,7 @@ from diffusers import (DDIMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteS
 
 from stepdistill.data.emoji32 import load_emoji32
 from stepdistill.errors import ConfigError
-from stepdistill.methods.common import LatentPromptData
+from stepdistill.methods.latent_data import LatentPromptData
 from stepdistill.methods.progressive import (ProgressiveConfig, ProgressiveMethod, plan_phases, weighted_x0_loss,
                                              x0_from_two_steps)
 from stepdistill.schedule import NoiseSchedule
@@ -37,7 +37,7 @@ def train(teacher_dir: Path, out: Path, data=None, **overrides) -> ProgressiveMe
     cfg = ProgressiveConfig(**options)
     cfg.validate()
     teacher = load_teacher(teacher_dir, max_sequence_length=8)
-    method = ProgressiveMethod(cfg, teacher, LatentPromptData(teacher, data or small_data()))
+    method = ProgressiveMethod(cfg, teacher, LatentPromptData.from_images(teacher, data or small_data()))
     run_training(method, cfg)
     return method
 
@@ -148,7 +148,7 @@ def test_lr_per_round_restarts_and_decays_within_every_phase(random_teachers, ca
                             learning_rate=1.0)
     cfg.validate()
     teacher = load_teacher(random_teachers / "sd")
-    method = ProgressiveMethod(cfg, teacher, LatentPromptData(teacher, small_data(4)))
+    method = ProgressiveMethod(cfg, teacher, LatentPromptData.from_images(teacher, small_data(4)))
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     scheduler = method.make_lr_scheduler(optimizer, calls_per_step)
     rates = []
@@ -173,7 +173,7 @@ def test_guidance_distillation_moves_the_student_toward_the_guided_teacher(tmp_p
                             iterations_per_round=1, guidance_distillation_steps=60, train_batch_size=32, learning_rate=4e-5,
                             lr_warmup_steps=5, report_to="none", validation_steps=0, ema_decay=0.9, w_min=3.0, w_max=3.0)
     cfg.validate()
-    method = ProgressiveMethod(cfg, teacher, LatentPromptData(teacher, data))
+    method = ProgressiveMethod(cfg, teacher, LatentPromptData.from_images(teacher, data))
     run_training(method, cfg)
     student = DiffusionPipeline.from_pretrained(tmp_path / "run" / "rounds" / "guidance-distilled", dtype=torch.float32).unet
     g = torch.Generator().manual_seed(1)
@@ -210,7 +210,7 @@ def test_dit_students_need_one_guidance_weight(random_teachers):
     cfg.validate()
     teacher = load_teacher(random_teachers / "sd3", max_sequence_length=8)
     with pytest.raises(ConfigError, match="w_min=1.0 != w_max=3.0"):
-        ProgressiveMethod(cfg, teacher, LatentPromptData(teacher, small_data(4)))
+        ProgressiveMethod(cfg, teacher, LatentPromptData.from_images(teacher, small_data(4)))
 
 
 def test_one_round_on_the_shipped_teacher_beats_its_own_half_step_sampling(tmp_path):
@@ -225,7 +225,7 @@ def test_one_round_on_the_shipped_teacher_beats_its_own_half_step_sampling(tmp_p
                             checkpointing_steps=1000)
     cfg.validate()
     teacher = load_teacher(shipped_teacher_path("tiny-sd"))
-    method = ProgressiveMethod(cfg, teacher, LatentPromptData(teacher, data))
+    method = ProgressiveMethod(cfg, teacher, LatentPromptData.from_images(teacher, data))
     prompts = [data.captions[i] for i in range(0, len(data.captions), 44)]
     noise = initial_noise(teacher, len(prompts), seed=123)
     reference = decode(teacher, sample_latents(teacher, prompts, 4, 4.0, noise))
@@ -254,7 +254,7 @@ def test_auto_target_is_the_networks_own_output_space(random_teachers, kind, exp
     cfg = ProgressiveConfig(pretrained_teacher_model=str(random_teachers / kind), w_min=2.0, w_max=2.0)
     cfg.validate()
     teacher = load_teacher(random_teachers / kind, max_sequence_length=8)
-    assert ProgressiveMethod(cfg, teacher, LatentPromptData(teacher, small_data(4))).target == expected
+    assert ProgressiveMethod(cfg, teacher, LatentPromptData.from_images(teacher, small_data(4))).target == expected
 
 
 def test_adversarial_term_joins_the_halving_rounds_and_resumes_exactly(random_teachers, tmp_path):

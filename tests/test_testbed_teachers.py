@@ -152,7 +152,7 @@ def test_dataset_encoding_chunks_shrink_with_the_resolution():
     """64 images of 512 px in one VAE call took 24 GB on the CPU (killed); the testbed keeps its 64."""
     from types import SimpleNamespace
 
-    from stepdistill.methods.common import encode_images
+    from stepdistill.methods.latent_data import encode_images
 
     calls = []
 

@@ -1,10 +1,13 @@
-"""Load image-caption data from the sources the diffusers training scripts read, as one ``ImageCaptionSet``.
+"""Read image-caption data from the sources the diffusers training scripts read.
 
 Sources: the shipped ``emoji32`` set (or another .npz), a Hugging Face ``imagefolder`` (images plus a
 ``metadata.jsonl``) and webdataset .tar shards (the format of diffusers' LCM distillation examples).
 Every image is made RGB on white, centre-cropped to a square and resized with LANCZOS, so all sources
-give the same (N, R, R, 3) uint8 array. Unusable samples are skipped and counted in one warning, because
+give the same (R, R, 3) uint8 images. Unusable samples are skipped and counted in one warning, because
 one bad file in a scraped set should not stop a training run; a source with nothing usable is a DataError.
+
+``open_dataset`` gives a :class:`SampleSource` that decodes one sample at a time (a set too big for memory
+is encoded to latents as it is read); ``load_dataset`` collects one into an in-memory ``ImageCaptionSet``.
 """
 from __future__ import annotations
 
@@ -16,13 +19,14 @@ import tarfile
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from stepdistill.data.emoji32 import ImageCaptionSet, load_emoji32
+from stepdistill.data.emoji32 import ImageCaptionSet, emoji32_path, load_emoji32
 from stepdistill.errors import ConfigError, DataError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # webdataset keys, in order of preference
@@ -39,7 +43,7 @@ _GLOB_CHARS = set("*?[")
 class _RawSample:
     """One sample before decoding: an image file or its bytes and a caption, or ``skip`` saying why not."""
 
-    image: Path | bytes | None = None
+    image: Path | bytes | np.ndarray | None = None  # a file, its bytes, or pixels already decoded (.npz sets)
     caption: object = None  # as read (JSON may hold any type); only a non-empty string is usable
     skip: str | None = None
 
@@ -63,8 +67,10 @@ def _fit(image: Image.Image, resolution: int) -> np.ndarray:
     return np.asarray(square, dtype=np.uint8)
 
 
-def _decode(source: Path | bytes, resolution: int) -> np.ndarray | None:
+def _decode(source: Path | bytes | np.ndarray, resolution: int) -> np.ndarray | None:
     """Decoded, fitted pixels, or None when the file is missing, truncated or not an image."""
+    if isinstance(source, np.ndarray):
+        return source if source.shape[:2] == (resolution, resolution) else _fit(Image.fromarray(source), resolution)
     try:
         with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as image:
             image.load()  # decode now so a truncated file fails here, not later
@@ -107,22 +113,56 @@ def _summary(skipped: Counter[str]) -> str:
     return f"{sum(skipped.values())} samples ({reasons})"
 
 
-def _collect(raws: Iterable[_RawSample], resolution: int, source: str, expected: str) -> ImageCaptionSet:
-    """Decode every usable sample; warn once with the skip counts, or raise if nothing was usable."""
-    images, captions, skipped = [], [], Counter()
-    for raw in raws:
-        reason = _problem(raw)
-        pixels = None if reason else _decode(raw.image, resolution)
-        if pixels is None:
-            skipped[reason or "unreadable image"] += 1
-            continue
+@dataclass
+class SampleSource:
+    """A dataset read lazily: ``samples()`` decodes one sample at a time, so no more than one image is held.
+
+    ``raws`` makes a fresh iterator of undecoded samples on every call; ``files`` are the files whose sizes and
+    times identify the data (for a latent cache). Skips are counted as samples are read; ``finish`` warns once
+    with the counts, or raises when nothing was usable.
+    """
+
+    name: str
+    expected: str
+    resolution: int
+    raws: Callable[[], Iterable[_RawSample]]
+    files: list[Path] = field(default_factory=list)
+    skipped: Counter[str] = field(default_factory=Counter)
+    kept: int = 0
+
+    def samples(self, rank: int = 0, world: int = 1) -> Iterator[tuple[int, np.ndarray, str]]:
+        """(position, pixels, caption) of the usable samples whose position in the source is ``rank`` modulo
+        ``world``; the others are not decoded (each process of a run reads its own share)."""
+        for position, raw in enumerate(self.raws()):
+            if position % world != rank:
+                continue
+            reason = _problem(raw)
+            pixels = None if reason else _decode(raw.image, self.resolution)
+            if pixels is None:
+                self.skipped[reason or "unreadable image"] += 1
+                continue
+            self.kept += 1
+            yield position, pixels, _clean_caption(raw.caption)
+
+    def finish(self, kept: int | None = None, skipped: Counter[str] | None = None) -> None:
+        """Warn with the skip counts, or raise if nothing was usable; ``kept``/``skipped`` override the counts
+        of this process (the totals over every process's share)."""
+        kept = self.kept if kept is None else kept
+        skipped = self.skipped if skipped is None else skipped
+        if not kept:
+            found = f" (skipped {_summary(skipped)})" if skipped else ""
+            raise DataError(f"dataset '{self.name}' has no readable images{found}; expected {self.expected}")
+        if skipped:
+            warnings.warn(f"dataset '{self.name}': skipped {_summary(skipped)}; kept {kept}", stacklevel=3)
+
+
+def _collect(source: SampleSource) -> ImageCaptionSet:
+    """Every usable sample of ``source`` in memory."""
+    images, captions = [], []
+    for _, pixels, caption in source.samples():
         images.append(pixels)
-        captions.append(_clean_caption(raw.caption))
-    if not images:
-        found = f" (skipped {_summary(skipped)})" if skipped else ""
-        raise DataError(f"dataset '{source}' has no readable images{found}; expected {expected}")
-    if skipped:
-        warnings.warn(f"dataset '{source}': skipped {_summary(skipped)}; kept {len(images)}", stacklevel=3)
+        captions.append(caption)
+    source.finish()
     return ImageCaptionSet(images=np.stack(images), captions=captions)
 
 
@@ -158,6 +198,10 @@ def load_imagefolder(path: str | Path, resolution: int = 32, caption_column: str
         resolution: side length of the square output images.
         caption_column: the metadata field holding each caption.
     """
+    return _collect(_imagefolder_source(path, resolution, caption_column))
+
+
+def _imagefolder_source(path: str | Path, resolution: int, caption_column: str) -> SampleSource:
     _check_resolution(resolution)
     root = Path(path)
     expected = (f'a folder of images with {METADATA_FILE} lines like '
@@ -166,7 +210,8 @@ def load_imagefolder(path: str | Path, resolution: int = 32, caption_column: str
         raise DataError(f"dataset '{path}' is not a folder; expected {expected}")
     if not (root / METADATA_FILE).is_file():
         raise DataError(f"dataset '{path}' has no {METADATA_FILE}; expected {expected}")
-    return _collect(_metadata_samples(root, caption_column), resolution, str(path), expected)
+    return SampleSource(str(path), expected, resolution, lambda: _metadata_samples(root, caption_column),
+                        files=[root / METADATA_FILE])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -255,37 +300,34 @@ def load_webdataset(shards: str | Path | Sequence[str | Path], resolution: int =
             ``.txt`` or in the "caption" or "text" field of ``.json``.
         resolution: side length of the square output images.
     """
+    return _collect(_webdataset_source(shards, resolution))
+
+
+def _webdataset_source(shards: str | Path | Sequence[str | Path], resolution: int) -> SampleSource:
     _check_resolution(resolution)
     patterns = [str(shards)] if isinstance(shards, (str, Path)) else [str(s) for s in shards]
     if not patterns:
         raise DataError(f"webdataset shards {list(shards)!r} is empty; expected {DATASET_KINDS}")
     paths = [path for pattern in patterns for path in _shard_paths(pattern)]
-    samples = (sample for path in paths for sample in _shard_samples(path))
     expected = "tar files of <key>.jpg|jpeg|png|webp with <key>.txt or <key>.json captions"
-    return _collect(samples, resolution, ", ".join(patterns), expected)
+    return SampleSource(", ".join(patterns), expected, resolution,
+                        lambda: (sample for path in paths for sample in _shard_samples(path)), files=paths)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Dispatch
 
 
-def _resized(data: ImageCaptionSet, resolution: int) -> ImageCaptionSet:
-    """The set at ``resolution``, resampled with the same LANCZOS fit as the other sources when it differs."""
-    if data.images.shape[1:3] == (resolution, resolution):
-        return data
-    images = np.stack([_fit(Image.fromarray(image), resolution) for image in data.images])
-    return ImageCaptionSet(images=images, captions=data.captions)
-
-
-def _load_npz(path: str | Path | None, resolution: int) -> ImageCaptionSet:
-    """An emoji32-format .npz (images, captions); a file that is not one is a DataError."""
+def _npz_source(path: str | Path | None, resolution: int) -> SampleSource:
+    """An emoji32-format .npz (images, captions), read whole (such sets are small); one that is not readable
+    is a DataError."""
     try:
         data = load_emoji32(path)
     except (OSError, ValueError, KeyError) as err:
         raise DataError(f"dataset '{path}' is not a readable .npz with images and captions ({err})") from err
-    if len(data) == 0:
-        raise DataError(f"dataset '{path}' has no readable images; expected a .npz with images and captions")
-    return _resized(data, resolution)
+    name = str(path) if path else "emoji32"
+    raws = lambda: (_RawSample(image=image, caption=caption) for image, caption in zip(data.images, data.captions))  # noqa: E731
+    return SampleSource(name, "a .npz with images and captions", resolution, raws, files=[Path(path or emoji32_path())])
 
 
 def _is_shard_spec(spec: str) -> bool:
@@ -293,8 +335,9 @@ def _is_shard_spec(spec: str) -> bool:
     return spec.endswith(".tar") or bool(_BRACE.search(spec)) or bool(_GLOB_CHARS & set(spec))
 
 
-def load_dataset(spec: str | Path | None = None, resolution: int = 32, caption_column: str = "text") -> ImageCaptionSet:
-    """Load any supported source, chosen by the form of ``spec``.
+def open_dataset(spec: str | Path | None = None, resolution: int = 32, caption_column: str = "text") -> SampleSource:
+    """Any supported source, chosen by the form of ``spec``, ready to be read lazily; a source that cannot be
+    read at all (missing, wrong kind) is a DataError now, before anything is decoded.
 
     Args:
         spec: ``"emoji32"`` or None (the shipped set), a folder (imagefolder), a .tar path, brace pattern or
@@ -305,12 +348,17 @@ def load_dataset(spec: str | Path | None = None, resolution: int = 32, caption_c
     _check_resolution(resolution)
     name = None if spec is None else str(spec)
     if name is None or name == "emoji32":
-        return _load_npz(None, resolution)
+        return _npz_source(None, resolution)
     if Path(name).is_dir():
-        return load_imagefolder(name, resolution, caption_column)
+        return _imagefolder_source(name, resolution, caption_column)
     if name.endswith(".npz") and Path(name).is_file():
-        return _load_npz(name, resolution)
+        return _npz_source(name, resolution)
     if _is_shard_spec(name):
-        return load_webdataset(name, resolution)
+        return _webdataset_source(name, resolution)
     problem = "does not exist" if not Path(name).exists() else "is not a supported kind"
     raise DataError(f"dataset '{name}' {problem}; expected {DATASET_KINDS}")
+
+
+def load_dataset(spec: str | Path | None = None, resolution: int = 32, caption_column: str = "text") -> ImageCaptionSet:
+    """Load any supported source into memory (arguments as :func:`open_dataset`)."""
+    return _collect(open_dataset(spec, resolution, caption_column))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import copy
 import functools
 import warnings
@@ -15,9 +16,9 @@ from diffusers import UNet2DConditionModel
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 
-from stepdistill.data.emoji32 import ImageCaptionSet
 from stepdistill.errors import ConfigError
-from stepdistill.teacher import WEIGHT_DTYPES, PromptEmbeds, TeacherWrapper
+from stepdistill.methods.latent_data import LatentPromptData
+from stepdistill.teacher import WEIGHT_DTYPES, TeacherWrapper
 from stepdistill.utils.images import grid_image, save_grid
 
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
@@ -67,20 +68,6 @@ def has_native_bf16(device_type: str) -> bool:
     return False
 
 
-class LatentPromptData:
-    """Training pairs as (scaled VAE latent, caption): latents are encoded once, prompts cached by the teacher."""
-
-    def __init__(self, teacher: TeacherWrapper, data: ImageCaptionSet, batch: int | None = None):
-        self.teacher, self.captions = teacher, data.captions
-        self.latents = encode_images(teacher, data.pixel_tensor(), batch)
-
-    def __len__(self) -> int:
-        return len(self.captions)
-
-    def batch(self, indices: list[int], device: torch.device) -> tuple[torch.Tensor, PromptEmbeds]:
-        return self.latents[indices].to(device), self.teacher.encode_prompts([self.captions[i] for i in indices]).to(device)
-
-
 class LatentMethodBase:
     """Shared-loop plumbing for methods that train ``student_net`` on :class:`LatentPromptData` batches."""
 
@@ -114,8 +101,12 @@ class LatentMethodBase:
 
 
 def load_teacher_and_data(cfg: Any) -> tuple[TeacherWrapper, LatentPromptData]:
-    """What every distillation script starts with: the teacher (xformers if asked) and its encoded dataset."""
-    from stepdistill.data import load_dataset
+    """What every distillation script starts with: the teacher (xformers if asked, its prompt cache sized) and
+    its encoded dataset (``DataOptions``: read and encoded chunk by chunk, or from the latent cache)."""
+    from stepdistill.data import open_dataset
+    from stepdistill.methods.latent_cache import cached_latents
+    from stepdistill.methods.latent_data import encode_samples
+    from stepdistill.prompt_cache import PromptCache
     from stepdistill.teacher import load_teacher
     from stepdistill.testbed import resolve_teacher_path
 
@@ -125,29 +116,14 @@ def load_teacher_and_data(cfg: Any) -> tuple[TeacherWrapper, LatentPromptData]:
         from stepdistill.training.accel import enable_xformers
 
         enable_xformers(teacher.pipe)
-    return teacher, LatentPromptData(teacher, load_dataset(cfg.dataset, resolution=cfg.resolution))
-
-
-ENCODE_PIXEL_BUDGET = 64 * 64 * 64  # pixels per VAE encode call: 64 testbed images, one at 512 px
-
-
-@torch.no_grad()
-def encode_images(teacher: TeacherWrapper, pixels: torch.Tensor, batch: int | None = None) -> torch.Tensor:
-    """Posterior means in the pipeline's latent space (SD3: shifted, then scaled). By default the chunks
-    shrink with the resolution: 64 images of 512 px in one call would take tens of GB of activations."""
-    vae = teacher.pipe.vae
-    expected = vae.config.sample_size
-    if pixels.shape[-1] != expected:
-        raise ConfigError(f"dataset resolution {pixels.shape[-1]} does not match the teacher VAE's sample_size {expected}; "
-                          f"pass --resolution {expected}")
-    batch = batch or max(1, min(64, ENCODE_PIXEL_BUDGET // (pixels.shape[-1] * pixels.shape[-2])))
-    out = []
-    for chunk in pixels.split(batch):
-        latents = vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist.mode().float()
-        if teacher.schedule.kind == "flow" and vae.config.get("shift_factor") is not None:
-            latents = latents - vae.config.shift_factor
-        out.append((latents * vae.config.scaling_factor).cpu())
-    return torch.cat(out)
+    teacher.prompt_cache = PromptCache(cfg.prompt_cache_mb << 20)
+    source = open_dataset(cfg.dataset, cfg.resolution, cfg.caption_column)
+    if cfg.latent_cache_dir:
+        return teacher, LatentPromptData(teacher, *cached_latents(teacher, source, cfg.latent_cache_dir, cfg.caption_column))
+    _, latents, captions = encode_samples(teacher, source.samples(), cfg.resolution,
+                                          show_progress=os.environ.get("RANK", "0") == "0")
+    source.finish()
+    return teacher, LatentPromptData(teacher, latents, captions)
 
 
 def add_lora(model: torch.nn.Module, rank: int, alpha: float, is_dit: bool) -> LoraConfig:

@@ -20,11 +20,12 @@ from accelerate import Accelerator
 
 from stepdistill.errors import ConfigError
 from stepdistill.methods.adversarial import AdversarialOptions, AdversarialTerm
-from stepdistill.methods.common import (LatentMethodBase, LatentPromptData, TeacherWeightsOption, build_student,
+from stepdistill.methods.common import (LatentMethodBase, TeacherWeightsOption, build_student,
                                        write_validation)
 from stepdistill.methods.export import (STUDENT_META, read_student_meta, sampling_grid_meta, scheduler_setup, write_lora,
                                        write_model_card)
 from stepdistill.methods.folded_lora import FoldedLora, LoraForwardOption, folded_runner
+from stepdistill.methods.latent_data import DataOptions, LatentPromptData
 from stepdistill.methods.synthetic import cached_teacher_latents
 from stepdistill.methods.target_adapter import AdapterEMA
 from stepdistill.schedule import NoiseSchedule
@@ -40,12 +41,10 @@ STUDENT_PREDICTIONS = ("auto", "epsilon", "sample", "v_prediction")
 
 
 @dataclass
-class LADDConfig(LoraForwardOption, TeacherWeightsOption, AdversarialOptions, LoopConfig):
+class LADDConfig(DataOptions, LoraForwardOption, TeacherWeightsOption, AdversarialOptions, LoopConfig):
     """LADD options; loop, LoRA and data options are named as in the LCM trainer."""
 
     pretrained_teacher_model: str = "tiny-sd"  # shipped teacher name or diffusers pipeline folder
-    dataset: str | None = None  # prompts (and real images for real_data=real); default emoji32
-    resolution: int = 32  # must match the teacher VAE's sample_size
     use_lora: bool = True  # LoRA student (True) or full-model student
     init_student_from: str | None = None  # full-model student only: start from this pipeline folder's denoiser (e.g. a progressive student), not the teacher's
     student_prediction: str = "auto"  # the full student's output: auto (the init student's, else the teacher's), epsilon, sample or v_prediction (UNet teachers)
@@ -69,6 +68,7 @@ class LADDConfig(LoraForwardOption, TeacherWeightsOption, AdversarialOptions, Lo
     validation_prompts: list[str] = field(default_factory=lambda: ["hamster face", "red apple", "rocket", "sun"])
 
     def validate(self) -> None:
+        self.validate_data()
         self.validate_adversarial()
         self.validate_lora_forward()
         if not self.student_steps or any(not 1 <= s <= LCM_ORIGINAL_STEPS for s in self.student_steps):

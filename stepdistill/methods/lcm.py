@@ -19,11 +19,12 @@ from diffusers import FlowMatchLCMScheduler, LatentConsistencyModelPipeline, LCM
 
 from stepdistill.errors import ConfigError
 from stepdistill.methods.adversarial import AdversarialOptions, AdversarialTerm
-from stepdistill.methods.common import (FrozenPassOptions, LatentMethodBase, LatentPromptData, TeacherWeightsOption,
+from stepdistill.methods.common import (FrozenPassOptions, LatentMethodBase, TeacherWeightsOption,
                                        build_student, write_validation)
 from stepdistill.methods.export import (FLOW_LCM_SCHEDULER, FLOW_LCM_SCHEDULER_KWARGS, STUDENT_META, flow_lcm_grid_meta,
                                        scheduler_setup, write_lora, write_model_card)
 from stepdistill.methods.folded_lora import BaseTwin, FoldedLora, LoraForwardOption, folded_runner
+from stepdistill.methods.latent_data import DataOptions, LatentPromptData
 from stepdistill.methods.target_adapter import AdapterEMA
 from stepdistill.solvers import (consistency_output, ddim_step, guidance_scale_embedding, lcm_call_sigmas,
                                  lcm_skip_timesteps, lcm_student_timesteps, sample_consistency)
@@ -36,12 +37,10 @@ from stepdistill.training.timing import timed
 
 
 @dataclass
-class LCMConfig(LoraForwardOption, FrozenPassOptions, TeacherWeightsOption, AdversarialOptions, LoopConfig):
+class LCMConfig(DataOptions, LoraForwardOption, FrozenPassOptions, TeacherWeightsOption, AdversarialOptions, LoopConfig):
     """LCM / LCM-LoRA options; names follow diffusers' LCM distillation examples where they mean the same."""
 
     pretrained_teacher_model: str = "tiny-sd"  # shipped teacher name or diffusers pipeline folder
-    dataset: str | None = None  # emoji32 (default), image folder with metadata.jsonl, webdataset shards or .npz
-    resolution: int = 32  # training image size (must match the teacher VAE's sample_size)
     use_lora: bool = True  # LCM-LoRA (True) or full-model LCM with a guidance embedding (False)
     lora_rank: int = 16  # LoRA rank
     lora_alpha: float = 16.0  # LoRA alpha (scale = alpha / rank)
@@ -63,6 +62,7 @@ class LCMConfig(LoraForwardOption, FrozenPassOptions, TeacherWeightsOption, Adve
     validation_prompts: list[str] = field(default_factory=lambda: ["hamster face", "red apple", "rocket", "sun"])
 
     def validate(self) -> None:
+        self.validate_data()
         self.validate_adversarial()
         if self.adversarial_weight < 0:
             raise ConfigError(f"adversarial_weight={self.adversarial_weight} must be 0 (off) or positive")

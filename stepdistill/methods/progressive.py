@@ -22,9 +22,10 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from stepdistill.errors import ConfigError
 from stepdistill.methods.adversarial import AdversarialOptions, AdversarialTerm
-from stepdistill.methods.common import (FrozenPassOptions, LatentMethodBase, LatentPromptData, TeacherWeightsOption,
+from stepdistill.methods.common import (FrozenPassOptions, LatentMethodBase, TeacherWeightsOption,
                                        full_student, write_validation)
 from stepdistill.methods.export import STUDENT_META, replace_folder, sampling_grid_meta, write_model_card
+from stepdistill.methods.latent_data import DataOptions, LatentPromptData
 from stepdistill.methods.synthetic import cached_teacher_latents
 from stepdistill.solvers import (ddim_step, deterministic_grid, guidance_scale_embedding, halving_pairs, sample_ddim,
                                  uniform_call_sigmas)
@@ -37,12 +38,10 @@ from stepdistill.training.timing import timed
 
 
 @dataclass
-class ProgressiveConfig(FrozenPassOptions, TeacherWeightsOption, AdversarialOptions, LoopConfig):
+class ProgressiveConfig(DataOptions, FrozenPassOptions, TeacherWeightsOption, AdversarialOptions, LoopConfig):
     """Progressive distillation options; shared-loop options (learning rate, checkpoints, ...) as in LoopConfig."""
 
     pretrained_teacher_model: str = "tiny-sd"  # shipped teacher name or diffusers pipeline folder
-    dataset: str | None = None  # emoji32 (default), image folder with metadata.jsonl, webdataset shards or .npz
-    resolution: int = 32  # training image size (must match the teacher VAE's sample_size)
     start_steps: int = 64  # the teacher's step count in round 0
     end_steps: int = 4  # the final student's step count (start_steps / end_steps must be a power of two)
     iterations_per_round: int = 1000  # optimizer steps per halving round
@@ -64,6 +63,7 @@ class ProgressiveConfig(FrozenPassOptions, TeacherWeightsOption, AdversarialOpti
     max_train_steps: int = 0  # 0: guidance_distillation_steps + rounds x iterations_per_round (other values refused)
 
     def validate(self) -> None:
+        self.validate_data()
         self.validate_adversarial()
         if self.adversarial_weight < 0:
             raise ConfigError(f"adversarial_weight={self.adversarial_weight} must be 0 (off) or positive")

@@ -20,7 +20,7 @@ from diffusers.training_utils import EMAModel
 from transformers import CLIPTokenizer
 
 from stepdistill.data.emoji32 import ImageCaptionSet
-from stepdistill.methods.common import LatentPromptData
+from stepdistill.methods.latent_data import LatentPromptData
 from stepdistill.teacher import Prediction, TeacherWrapper, prediction_to_output
 from stepdistill.testbed import tiny_models
 from stepdistill.training.step_random import StepRandom
@@ -96,7 +96,7 @@ class DenoiserMethod:
         self.ema = EMAModel(self.denoiser.parameters(), decay=ema_decay, model_cls=type(self.denoiser),
                             model_config=self.denoiser.config)
         self.wrapper = TeacherWrapper(self.pipe, max_sequence_length=TESTBED_SD3_MAX_SEQUENCE_LENGTH)
-        self.data = LatentPromptData(self.wrapper, data)
+        self.data = LatentPromptData.from_images(self.wrapper, data)
 
     def trainable_module(self) -> torch.nn.Module:
         return self.denoiser
