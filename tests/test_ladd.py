@@ -423,6 +423,11 @@ def test_two_process_run_with_the_loss_through_every_step_equals_one_process_run
     start = load_file(random_teachers / "sd" / "unet" / "diffusion_pytorch_model.safetensors")
     # over the whole network the runs must agree (measured: 1e-5 of the movement; one process at batch 2: 0.68)
     assert apart_over_moved(a, b, start) < 0.02
+    # each process sampled every other caption's teacher latent; joined, they are the one process's pairs
+    pairs_a, pairs_b = (load_file(tmp_path / run / "synthetic_latents.safetensors") for run in ("one", "two"))
+    assert torch.equal(pairs_a["noise"], pairs_b["noise"])
+    torch.testing.assert_close(pairs_a["latents"], pairs_b["latents"], atol=1e-4, rtol=1e-4)
+    assert sorted(p.name for p in (tmp_path / "two").glob(".*synthetic*")) == []  # the shares are gone
 
 
 @pytest.mark.parametrize("kind, overrides", [
