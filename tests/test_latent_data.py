@@ -104,6 +104,21 @@ def test_the_cache_key_follows_the_data_and_the_encoder_only(teacher, tmp_path):
     assert cache_key(teacher, open_dataset(folder), "text") != key
 
 
+def test_the_key_ignores_diffusers_bookkeeping_in_the_vae_config(teacher, tmp_path, monkeypatch):
+    """diffusers keeps a set's order in ``_use_default_values``, which changes with each process's hash seed;
+    a key that read it made every start of the memory probe encode again."""
+    from diffusers.configuration_utils import FrozenDict
+
+    source = open_dataset(emoji_folder(tmp_path / "ds", 2))
+    vae = teacher.pipe.vae
+    key = cache_key(teacher, source, "text")
+    shuffled = FrozenDict({**vae.config, "_use_default_values": ["b", "a"], "_name_or_path": "/moved/vae"})
+    monkeypatch.setattr(vae, "_internal_dict", shuffled)
+    assert vae.config["_name_or_path"] == "/moved/vae" and cache_key(teacher, source, "text") == key
+    monkeypatch.setattr(vae, "_internal_dict", FrozenDict({**vae.config, "scaling_factor": 0.5}))
+    assert cache_key(teacher, source, "text") != key
+
+
 def test_an_interrupted_encode_leaves_no_cache_that_looks_finished(teacher, tmp_path, monkeypatch):
     folder = emoji_folder(tmp_path / "ds", 6)
 

@@ -39,12 +39,18 @@ def _encoder_tensors(vae: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     return sorted(encoder or state.items())
 
 
+def vae_settings(vae: torch.nn.Module) -> dict:
+    """The VAE's configuration without diffusers' bookkeeping entries (``_use_default_values`` is a set's
+    order, which differs from process to process; ``_name_or_path`` changes when a folder moves)."""
+    return {key: value for key, value in vae.config.items() if not key.startswith("_")}
+
+
 def cache_key(teacher: TeacherWrapper, source: SampleSource, caption_column: str) -> str:
     """A hex digest of everything the cached latents and captions depend on."""
     vae = teacher.pipe.vae
     files = [[str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns] for path in source.files]
     described = {"format": CACHE_FORMAT, "source": source.name, "files": files, "resolution": source.resolution,
-                 "caption_column": caption_column, "vae": dict(vae.config), "vae_class": type(vae).__name__,
+                 "caption_column": caption_column, "vae": vae_settings(vae), "vae_class": type(vae).__name__,
                  "flow": teacher.schedule.kind == "flow"}
     digest = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode())
     for name, tensor in _encoder_tensors(vae):
