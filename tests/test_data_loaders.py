@@ -198,6 +198,31 @@ def test_webdataset_bad_samples_skipped(shards):
         assert part in message
 
 
+def test_webdataset_shards_are_read_one_sample_at_a_time(tmp_path, monkeypatch):
+    """Only the files of the sample being built are held (a shard can be a gigabyte); a shard cut in the middle
+    keeps the samples before the cut."""
+    import tarfile as tarmodule
+
+    from stepdistill.data.loaders import _shard_samples
+
+    files = {}
+    for i in range(4):
+        files[f"k{i}.png"] = png_bytes(solid(COLOURS[i]))
+        files[f"k{i}.txt"] = CAPTIONS[i].encode()
+    shard = write_shard(tmp_path / "s.tar", files)
+    extracted = []
+    extract = tarmodule.TarFile.extractfile
+    monkeypatch.setattr(tarmodule.TarFile, "extractfile", lambda self, m: extracted.append(m.name) or extract(self, m))
+    first = next(_shard_samples(shard))
+    assert first.caption == CAPTIONS[0] and extracted == ["k0.png", "k0.txt"]
+    data = shard.read_bytes()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(data[: data.index(CAPTIONS[2].encode()) + 2])  # inside the third sample's caption
+    with pytest.warns(UserWarning, match="1 unreadable shard"):
+        kept = load_webdataset(cut)
+    assert kept.captions[:2] == CAPTIONS[:2]
+
+
 def test_webdataset_missing_and_empty(tmp_path):
     with pytest.raises(DataError, match="nothere.tar"):
         load_webdataset(tmp_path / "nothere.tar")

@@ -278,17 +278,23 @@ def _tar_sample(files: dict[str, bytes]) -> _RawSample:
 
 
 def _shard_samples(shard: Path) -> Iterator[_RawSample]:
-    """Group a tar's files into samples by key; an unreadable or truncated shard keeps what was read before it broke."""
-    groups: dict[str, dict[str, bytes]] = {}
+    """A tar's samples in order, one at a time: a sample's files are consecutive (webdataset writes them so),
+    so only one sample's bytes are held. An unreadable or truncated shard keeps what was read before it broke."""
+    key, files = None, {}
     try:
         with tarfile.open(shard) as tar:
             for member in tar:
-                if member.isfile():
-                    key, ext = _split_key(member.name)
-                    groups.setdefault(key, {})[ext] = tar.extractfile(member).read()
+                if not member.isfile():
+                    continue
+                member_key, ext = _split_key(member.name)
+                if files and member_key != key:
+                    yield _tar_sample(files)
+                    files = {}
+                key, files[ext] = member_key, tar.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError):
         yield _RawSample(skip="unreadable shard")
-    yield from (_tar_sample(files) for files in groups.values())
+    if files:
+        yield _tar_sample(files)
 
 
 def load_webdataset(shards: str | Path | Sequence[str | Path], resolution: int = 32) -> ImageCaptionSet:
@@ -296,8 +302,8 @@ def load_webdataset(shards: str | Path | Sequence[str | Path], resolution: int =
 
     Args:
         shards: a path, a brace pattern such as ``data/shard-{000..003}.tar``, a glob, or a list of these.
-            Files in a tar that share a key form one sample: an image (jpg/jpeg/png/webp) and a caption in
-            ``.txt`` or in the "caption" or "text" field of ``.json``.
+            Consecutive files in a tar that share a key form one sample: an image (jpg/jpeg/png/webp) and a
+            caption in ``.txt`` or in the "caption" or "text" field of ``.json``.
         resolution: side length of the square output images.
     """
     return _collect(_webdataset_source(shards, resolution))
