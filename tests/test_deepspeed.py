@@ -39,11 +39,13 @@ def _same_loss(loss_one: float, losses_two: list[float]) -> bool:
 
 def test_lcm_lora_under_zero2_trains_as_one_process_and_resumes_bitwise(random_teachers, tmp_path):
     """Before the DeepSpeed support ``prepare`` failed (accelerate found no micro-batch size in the trainers'
-    batches). The engine's checkpoint leaves the frozen base out, and a resume reads it weights-only."""
+    batches). The engine's checkpoint leaves the frozen base out, and a resume reads it weights-only. The
+    student runs folded, as the shipped LCM-LoRA config asks: it used to deep-copy the engine (and its process
+    groups) for a base twin; the engine must run its network itself."""
     from method_runs import apart_over_moved
     from safetensors.torch import load_file
 
-    options = ["--max_train_steps", "4", "--checkpointing_steps", "2"]
+    options = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--lora_forward", "folded"]
     loss_one, losses_two, command = _runs("train_lcm.py", random_teachers / "sd", tmp_path, options, port=29571)
     assert _same_loss(loss_one, losses_two)
     weights = "lora/pytorch_lora_weights.safetensors"

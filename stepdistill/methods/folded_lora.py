@@ -12,7 +12,7 @@ nothing drifts and gradients reach the adapter through the fold. They are passed
 network's structure without its LoRA layers, holding the very same tensors (no memory). Running peft's layer
 wrappers cost about 6% of a pass in Python, and on a CPU run with a side thread that Python holds the GIL
 the other thread waits for (the student's pass took 11% longer beside the peft side passes than alone, and
-no longer beside plain ones). A DDP-wrapped network is run through its wrapper instead, with its adapters
+no longer beside plain ones). A DDP- or DeepSpeed-wrapped network is run through its wrapper instead, with its adapters
 switched off for the call, so that its gradient sync stays; no other thread may run it meanwhile.
 """
 from __future__ import annotations
@@ -53,11 +53,15 @@ class LoraForwardOption:
                               "half-precision fold rounds the update away); use lora_forward=branched")
 
 
+def _is_wrapper(net: torch.nn.Module) -> bool:
+    """DDP or DeepSpeed's engine (checked by name: deepspeed is optional): both keep the network as ``.module``
+    and must run it themselves, for their gradient reduction."""
+    return isinstance(net, torch.nn.parallel.DistributedDataParallel) or type(net).__name__ == "DeepSpeedEngine"
+
+
 def _inner(net: torch.nn.Module) -> tuple[torch.nn.Module, str]:
-    """(the network, the prefix its names carry in ``net``): DDP keeps the network as ``.module``."""
-    if isinstance(net, torch.nn.parallel.DistributedDataParallel):
-        return net.module, "module."
-    return net, ""
+    """(the network, the prefix its names carry in ``net``)."""
+    return (net.module, "module.") if _is_wrapper(net) else (net, "")
 
 
 def check_foldable(net: torch.nn.Module) -> list[tuple[str, Any]]:
@@ -104,8 +108,9 @@ class FoldedLora(torch.nn.Module):
         missing = [key for key, _, _ in self._keys if key not in names]
         if missing:  # FSDP and DeepSpeed keep their own (flattened) parameters: nothing to swap in by name
             raise ConfigError(f"lora_forward=folded cannot run a {type(net).__name__} (no parameter {missing[0]!r}); "
-                              "it runs plain and DDP networks: use lora_forward=branched")
-        # the base twin runs plain networks (built at first use, after any device move); DDP runs as it is
+                              "it runs plain, DDP and DeepSpeed (ZeRO-2) networks: use lora_forward=branched")
+        # the base twin runs plain networks (built at first use, after any device move); DDP and DeepSpeed's
+        # engine run as they are (a copy of the engine would copy its process groups)
         self._twin = None if self._prefix else BaseTwin(net)
         self._twin_keys = [key.replace(".base_layer.weight", ".weight") for key, _, _ in self._keys]
 
@@ -143,7 +148,7 @@ class FoldedLora(torch.nn.Module):
             yield torch.addmm(base.flatten(1), b.flatten(1), a.flatten(1), alpha=layer.scaling[ADAPTER]).view_as(base)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self._twin is None:  # DDP: through the wrapper, so that its gradient sync stays
+        if self._twin is None:  # DDP / DeepSpeed: through the wrapper, so that its gradient sync stays
             weights = self.folded_weights()
             with _adapters_off(self._layers, self._adapter_params):
                 return functional_call(self.net, weights, args, kwargs, strict=False, tie_weights=False)
