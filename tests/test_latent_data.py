@@ -134,6 +134,18 @@ def test_an_interrupted_encode_leaves_no_cache_that_looks_finished(teacher, tmp_
     assert len(latents) == len(captions) == 6
 
 
+def test_a_cache_folder_that_cannot_be_one_is_refused_in_one_line(teacher, tmp_path):
+    from stepdistill.methods.lcm import LCMConfig
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match=rf"latent_cache_dir '{blocker}' is a file; expected a folder"):
+        LCMConfig(latent_cache_dir=str(blocker)).validate()
+    with pytest.raises(DataError, match=r"latent cache folder '.*file/sub' cannot be written") as err:
+        cached_latents(teacher, open_dataset(emoji_folder(tmp_path / "ds", 2)), blocker / "sub")
+    assert "\n" not in str(err.value)
+
+
 def test_a_source_with_nothing_usable_is_refused_with_the_cache_too(teacher, tmp_path):
     folder = tmp_path / "ds"
     folder.mkdir()

@@ -123,11 +123,15 @@ def cached_latents(teacher: TeacherWrapper, source: SampleSource, cache_dir: str
 def _build(teacher: TeacherWrapper, source: SampleSource, folder: Path, state: PartialState) -> None:
     rank, world = state.process_index, state.num_processes
     partial = folder.with_name(f"{folder.name}.partial-w{world}")
-    partial.mkdir(parents=True, exist_ok=True)
     parts = [f"part-{r:05d}-of-{world:05d}" for r in range(world)]
-    positions, latents, captions = encode_samples(teacher, source.samples(rank, world), source.resolution,
-                                                  show_progress=state.is_main_process)
-    _write_part(partial, parts[rank], positions, latents, captions, source.skipped)
+    try:
+        partial.mkdir(parents=True, exist_ok=True)
+        positions, latents, captions = encode_samples(teacher, source.samples(rank, world), source.resolution,
+                                                      show_progress=state.is_main_process)
+        _write_part(partial, parts[rank], positions, latents, captions, source.skipped)
+    except OSError as err:  # unwritable or full: one line, and no cache that looks finished
+        raise DataError(f"latent cache folder '{partial.parent}' cannot be written ({err.strerror or err}); "
+                        "pass a writable --latent_cache_dir with room for the latents") from err
     state.wait_for_everyone()
     kept, skipped = _read_parts(partial, parts)
     if not kept:

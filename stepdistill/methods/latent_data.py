@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -29,6 +30,8 @@ class DataOptions:
     prompt_cache_mb: int = DEFAULT_PROMPT_CACHE_MB  # host memory per process for prompt embeddings; beyond it the least recently used are encoded again when next needed
 
     def validate_data(self) -> None:
+        if self.latent_cache_dir and Path(self.latent_cache_dir).exists() and not Path(self.latent_cache_dir).is_dir():
+            raise ConfigError(f"latent_cache_dir '{self.latent_cache_dir}' is a file; expected a folder (made if missing)")
         if self.prompt_cache_mb < 0:
             raise ConfigError(f"prompt_cache_mb={self.prompt_cache_mb} must be 0 (cache only the empty prompt) or more")
 
