@@ -29,8 +29,8 @@ class PromptCache:
 
     def lookup(self, prompts: list[str], encode: Callable[[list[str]], list[object]]) -> list[object]:
         """The embeddings of ``prompts`` in order, encoding the missing ones (each once) in one ``encode`` call."""
-        found = {p: e for p in dict.fromkeys(prompts) if (e := self._get(p)) is not None}
-        missing = [p for p in dict.fromkeys(prompts) if p not in found]
+        found = {prompt: self._get(prompt) for prompt in dict.fromkeys(prompts)}
+        missing = [prompt for prompt, embeds in found.items() if embeds is None]
         if missing:
             for prompt, embeds in zip(missing, encode(missing)):
                 found[prompt] = embeds

@@ -18,8 +18,7 @@ import re
 import tarfile
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import copy
 import functools
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path

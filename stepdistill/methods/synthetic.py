@@ -69,9 +69,10 @@ def cached_teacher_latents(path: Path, teacher: TeacherWrapper, prompts: list[st
         with adapters_disabled(teacher.model, lora_student):
             latents, noise = generate_teacher_latents(teacher, prompts, steps, guidance_scale, seed, share=(rank, world),
                                                       show_progress=accelerator.is_local_main_process)
-        _save({"latents": latents, "noise": noise}, path.with_name(f".{path.name}.part-{rank}-of-{world}"), settings)
+        share_path = path if world == 1 else path.with_name(f".{path.name}.part-{rank}-of-{world}")
+        _save({"latents": latents, "noise": noise}, share_path, settings)
         accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
+        if world > 1 and accelerator.is_main_process:
             _join_shares(path, world, len(prompts), settings)
     accelerator.wait_for_everyone()
     with safe_open(str(path), framework="pt") as handle:
